@@ -1,0 +1,129 @@
+"""ModelMixin: config + ``from_pretrained`` / ``save_pretrained`` for every network, in diffusers' folder layout.
+
+Module attribute paths equal the checkpoint keys, so a diffusers folder loads with ``load_state_dict`` and no
+mapping table. Loading is all-or-nothing: a model is returned only when every tensor matched by name and shape.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from minidiff.configuration import ConfigMixin
+from minidiff.loading.hub import resolve_folder
+from minidiff.loading.safetensors_io import load_folder_weights, save_safetensors, with_variant
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(torch_dtype: Any) -> torch.dtype | None:
+    """``torch_dtype`` as a floating torch.dtype (a dtype or its name); None stays None."""
+    if torch_dtype is None:
+        return None
+    if isinstance(torch_dtype, str):
+        name = torch_dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"torch_dtype={torch_dtype!r} is not supported; use one of {sorted(_DTYPES)} or a torch.dtype")
+        return _DTYPES[name]
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch.dtype such as torch.float16, got {torch_dtype!r}")
+    return torch_dtype
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError listing missing/unexpected keys (first few and a count) and shape mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
+    for key in sorted(set(expected) & set(state_dict)):
+        if expected[key].shape != state_dict[key].shape:
+            problems.append(
+                f"shape mismatch for {key}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise ValueError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+class ModelMixin(nn.Module, ConfigMixin):
+    """Base of UNet2DModel, UNet2DConditionModel, AutoencoderKL and CLIPTextModel.
+
+    Subclasses set ``config_class`` and build their layers from ``self.config`` in ``__init__(**kwargs)``.
+    """
+
+    config_name = "config.json"
+    weights_name = "diffusion_pytorch_model.safetensors"
+    # config.json keys written by other tools that carry no architecture (diffusers/transformers bookkeeping)
+    ignored_config_keys: frozenset[str] = frozenset()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @classmethod
+    def config_from_file_values(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
+        """The constructor kwargs in a config.json; unknown fields are an error naming the file."""
+        known = set(cls.config_class.field_names())
+        values = {k: v for k, v in values.items() if not k.startswith("_") and k not in cls.ignored_config_keys}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path} has config field(s) {unknown} that {cls.__name__} does not know")
+        return values
+
+    def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for layouts that differ only by a prefix or similar (the text encoder overrides it)."""
+        return state_dict
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> "ModelMixin":
+        """Strictly load ``state_dict`` (checked first, so a failed load leaves the model untouched)."""
+        state_dict = self.convert_state_dict(state_dict)
+        check_state_dict(self, state_dict, source)
+        self.load_state_dict(state_dict, strict=True)
+        return self
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: Any = None,
+        variant: str | None = None,
+    ) -> "ModelMixin":
+        """Load a diffusers-layout folder: ``config.json`` + weights (single, sharded or ``variant`` files)."""
+        dtype = parse_dtype(torch_dtype)
+        root = resolve_folder(pretrained_model_name_or_path)
+        folder = os.path.join(root, subfolder) if subfolder else root
+        config_path = os.path.join(folder, cls.config_name)
+        kwargs = cls.config_from_file_values(cls.load_config(root, subfolder=subfolder), config_path)
+        model = cls(**kwargs)
+        model.load_weights(load_folder_weights(folder, cls.weights_name, variant), source=folder)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> None:
+        """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_config(save_directory)
+        path = os.path.join(os.fspath(save_directory), with_variant(self.weights_name, variant))
+        save_safetensors(self.state_dict(), path)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

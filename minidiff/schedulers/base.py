@@ -1,0 +1,122 @@
+"""What every scheduler shares: its output type, config I/O, the forward process and argument checks.
+
+A scheduler is configured once (``DDIMScheduler(beta_schedule="scaled_linear")`` or ``from_config``), told how many
+steps to take (``set_timesteps(N)``), then walked by a sampling loop with ``step(model_output, t, x_t)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minidiff.configuration import ConfigMixin
+
+
+@dataclass
+class SchedulerOutput:
+    """``prev_sample`` is x_{t-1}; ``pred_original_sample`` the model's current estimate of x_0 (None if the
+    scheduler does not form one). Unpacks and indexes like the tuple ``(prev_sample, pred_original_sample)``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample,) if self.pred_original_sample is None else (self.prev_sample, self.pred_original_sample)
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return getattr(self, index)
+        return self.to_tuple()[index]
+
+
+def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (B,) to (B, 1, 1, ...) so it broadcasts against ``like``."""
+    values = values.flatten()
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+class SchedulerMixin(ConfigMixin):
+    """Config handling plus the DDPM forward process; subclasses add ``set_timesteps`` and ``step``."""
+
+    config_name = "scheduler_config.json"
+    order = 1
+    timesteps: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # `scheduler.num_train_timesteps` reads the config value, as diffusers allows and tutorials do.
+        config = self.__dict__.get("config")
+        if config is not None and name in config.field_names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        return f"{type(self).__name__}({options})"
+
+    # ---- loading and saving ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, subfolder: str | None = None, **overrides: Any):
+        """Read ``scheduler_config.json`` from a local folder (``subfolder="scheduler"`` for a pipeline folder)."""
+        from minidiff.loading.hub import resolve_folder
+
+        return cls.from_config(cls.load_config(resolve_folder(folder), subfolder=subfolder), **overrides)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.save_config(folder)
+
+    # ---- the forward process q(x_t | x_0) ----------------------------------------------------------------------
+    def _alpha_bar_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod[t] cast to ``like``'s dtype and device (cast first, then index: diffusers' order)."""
+        timesteps = torch.as_tensor(timesteps, device=like.device)
+        if timesteps.dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__} needs integer timesteps, got dtype {timesteps.dtype}")
+        T = len(self.alphas_cumprod)
+        if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= T):
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got min {int(timesteps.min())} max {int(timesteps.max())}")
+        return self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sample q(x_t | x_0): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (DDPM Eq. 4)."""
+        check_same_shape("noise", noise, "original_samples", original_samples)
+        alpha_bar = self._alpha_bar_at(timesteps, original_samples)
+        return broadcast_to(alpha_bar**0.5, original_samples) * original_samples + broadcast_to(
+            (1 - alpha_bar) ** 0.5, original_samples
+        ) * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, Sec. 4)."""
+        check_same_shape("noise", noise, "sample", sample)
+        alpha_bar = self._alpha_bar_at(timesteps, sample)
+        return broadcast_to(alpha_bar**0.5, sample) * noise - broadcast_to((1 - alpha_bar) ** 0.5, sample) * sample
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """Alpha-bar schedulers feed x_t to the model unchanged."""
+        return sample
+
+    # ---- checks shared by step() implementations ---------------------------------------------------------------
+    def _check_step_args(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        if self.timesteps is None or getattr(self, "num_inference_steps", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(num_inference_steps)")
+        check_same_shape("model_output", model_output, "sample", sample)
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; they must match")
+
+
+def as_int_timestep(timestep: Any) -> int:
+    """A Python int from an int, a 0-d tensor or a one-element tensor."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1:
+            raise ValueError(f"step() takes one timestep, got a tensor of shape {tuple(timestep.shape)}")
+        timestep = timestep.item()
+    if isinstance(timestep, float) and not timestep.is_integer():
+        raise ValueError(f"this scheduler uses integer timesteps, got {timestep}")
+    return int(timestep)

@@ -1,0 +1,120 @@
+"""Noise schedules shared by every scheduler: betas, cumulative alphas, timestep spacing, thresholding.
+
+Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
+``beta_t`` is the variance added at step t, ``alpha_t = 1 - beta_t`` and
+``alpha_bar_t = prod_{s<=t} alpha_s`` (``alphas_cumprod``), so ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``
+(DDPM Eq. 4). All arithmetic is float32 torch, as in diffusers, so schedules agree to the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from minidiff.configuration import check_choice
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule (Nichol & Dhariwal 2021, Eq. 17): ``beta_t = min(1 - abar(t+1)/abar(t), max_beta)``
+    with ``abar(t) = cos((t/T + 0.008) / 1.008 * pi/2)^2``, computed in Python floats."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1:
+    shift and scale ``sqrt(alpha_bar)`` so the last step has zero signal while the first keeps its value."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(config) -> torch.Tensor:
+    """Betas from a scheduler config: ``trained_betas`` if given, else ``beta_schedule`` over
+    ``num_train_timesteps`` steps, optionally rescaled to zero terminal SNR."""
+    T = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = torch.tensor(np.asarray(config.trained_betas), dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) != T:
+            raise ValueError(f"trained_betas has shape {tuple(betas.shape)}; expected ({T},) for num_train_timesteps={T}")
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":  # the Stable Diffusion schedule: linear in sqrt(beta)
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    else:
+        betas = betas_for_alpha_bar(T)
+    if getattr(config, "rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def check_common_options(config) -> None:
+    """Validate the options every scheduler shares; errors list the accepted values."""
+    if config.num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps={config.num_train_timesteps} must be at least 1")
+    if config.trained_betas is None:
+        check_choice("beta_schedule", config.beta_schedule, getattr(config, "beta_schedules", BETA_SCHEDULES))
+    check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+    check_choice("timestep_spacing", config.timestep_spacing, getattr(config, "timestep_spacings", TIMESTEP_SPACINGS))
+
+
+def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must be between 1 and num_train_timesteps={num_train_timesteps}"
+        )
+    return int(num_inference_steps)
+
+
+def integer_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int) -> np.ndarray:
+    """Descending int64 timesteps for N of T steps (Lin et al. 2023, Table 2):
+    ``linspace`` spans [0, T-1] rounded; ``leading`` is ``k * (T // N) + steps_offset``; ``trailing`` ends at T-1."""
+    T, N = num_train_timesteps, num_inference_steps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, N).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, N) * (T // N)).round()[::-1].copy().astype(np.int64) + steps_offset
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    return np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
+
+
+def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, Sec. 2.3): per sample, take the ``ratio`` quantile s of
+    |x0| (at least 1, at most ``max_value``), clamp x0 to [-s, s] and divide by s. Computed in float32."""
+    dtype = x0.dtype
+    batch = x0.shape[0]
+    flat = x0.reshape(batch, -1)  # (B, C*H*W)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)  # (B, 1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def predicted_x0_and_eps(model_output, sample, alpha_bar_t, prediction_type: str):
+    """Turn a model output into (x0, eps) using ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` (DDPM Eq. 4);
+    for ``v_prediction`` ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (Salimans & Ho 2022, Sec. 4)."""
+    sqrt_a, sqrt_1ma = alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5
+    if prediction_type == "epsilon":
+        return (sample - sqrt_1ma * model_output) / sqrt_a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - sqrt_a * model_output) / sqrt_1ma
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    return sqrt_a * sample - sqrt_1ma * model_output, sqrt_a * model_output + sqrt_1ma * sample
