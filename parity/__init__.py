@@ -1,0 +1,1 @@
+"""Numerical comparison of minidiff with diffusers/transformers. `python -m parity` prints the report."""

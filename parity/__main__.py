@@ -1,0 +1,25 @@
+"""`python -m parity [pytest args]`: run the parity suite and print the markdown parity table."""
+
+import os
+import sys
+
+import pytest
+
+from parity.report import RECORDS, markdown_table
+
+
+def main(argv: list[str]) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    exit_code = pytest.main([here, "-q", "-p", "no:cacheprovider", *argv])
+    table = markdown_table()
+    print("\n## minidiff parity report\n")
+    print(table if RECORDS else "(no parity case ran)")
+    failed = sum(not r.passed for r in RECORDS.values())
+    print(f"\n{len(RECORDS)} cases, {len(RECORDS) - failed} pass, {failed} fail (pytest exit code {int(exit_code)})")
+    with open("parity-report.md", "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    return int(exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
