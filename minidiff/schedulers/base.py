@@ -13,26 +13,16 @@ from typing import Any
 import torch
 
 from minidiff.configuration import ConfigMixin
+from minidiff.outputs import BaseOutput
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """``prev_sample`` is x_{t-1}; ``pred_original_sample`` the model's current estimate of x_0 (None if the
     scheduler does not form one). Unpacks and indexes like the tuple ``(prev_sample, pred_original_sample)``."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return (self.prev_sample,) if self.pred_original_sample is None else (self.prev_sample, self.pred_original_sample)
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
 
 
 def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
