@@ -40,8 +40,10 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported GLOBAL" in line), lines[0] if lines else "")
         raise ValueError(
-            f"{path} could not be loaded with torch.load(weights_only=True) ({type(error).__name__}: {error}); "
+            f"{path} could not be loaded with torch.load(weights_only=True) ({type(error).__name__}: {reason}); "
             "minidiff never runs pickled code: convert the file to .safetensors"
         ) from None
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):

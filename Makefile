@@ -1,0 +1,26 @@
+# The two commands a newcomer runs (see README):  `make report`  and  `make test`.
+# Both create .venv on first use: the CPU build of torch 2.13.0 (pinned, so no CUDA build is ever pulled),
+# then minidiff with its test extra (diffusers, transformers, pytest, hypothesis).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: report test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+report: $(VENV)/.installed
+	$(PY) -m parity
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks --quick
+
+clean-venv:
+	rm -rf $(VENV)
