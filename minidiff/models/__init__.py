@@ -1,0 +1,1 @@
+from minidiff.models.clip import CLIPTextConfig, CLIPTextModel

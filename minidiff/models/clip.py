@@ -1,0 +1,277 @@
+"""CLIPTextModel: the text tower of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural
+Language Supervision", Sec. 2.4), the prompt encoder of Stable Diffusion.
+
+A pre-LayerNorm transformer with a causal self-attention mask (GPT-2 style, Sec. 2.4: "masked self-attention was
+used in the text encoder"). Stable Diffusion 1.x uses OpenAI's ViT-L/14 text tower (12 layers, width 768,
+``quick_gelu``); 2.x uses OpenCLIP ViT-H/14's tower (width 1024, exact ``gelu``) with its last of 24 layers dropped,
+so the pipeline reads the penultimate layer. Both are this one class in transformers' layout: attribute paths equal
+transformers 5.x's state_dict keys (``encoder.layers.0.self_attn.q_proj.weight``); older checkpoints with a
+``text_model.`` prefix load too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidiff import ops
+from minidiff.configuration import Config, check_choice
+from minidiff.models.modeling import ModelMixin
+from minidiff.outputs import BaseOutput
+
+TRANSFORMERS_VERSION = "5.23.0"
+
+# Keys that transformers' PretrainedConfig writes into every config.json (bookkeeping, generation and
+# fine-tuning defaults of transformers 4.x and 5.x). None of them changes the text tower's architecture.
+TRANSFORMERS_BOOKKEEPING_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "name_or_path", "dropout",
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
+    "label2id", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "problem_type", "gradient_checkpointing",
+})
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation of GELU
+    "gelu": F.gelu,  # exact (erf) GELU, OpenCLIP
+}
+
+
+@dataclass
+class CLIPTextConfig(Config):
+    """transformers' CLIPTextConfig keys and defaults (the OpenAI ViT-B/32 text tower)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512  # used only by CLIPTextModelWithProjection; kept for round trips
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+
+
+@dataclass
+class CLIPTextModelOutput(BaseOutput):
+    """``last_hidden_state`` (B, N, C) after the final LayerNorm; ``pooler_output`` (B, C), the state at the
+    end-of-text token; ``hidden_states``: the embeddings and the output of every layer (before the final
+    LayerNorm), ``num_hidden_layers + 1`` tensors, only when asked for (clip_skip reads ``hidden_states[-(k+1)]``)."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding plus a learned absolute position embedding."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = self.position_ids[:, : input_ids.shape[1]]  # (1, N)
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, N, C)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections; the kernel comes from ``minidiff.ops``."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.scale = (width // self.heads) ** -0.5
+        self.attention_backend: str | None = None  # per-model kernel choice, see CLIPTextModel.set_attention_backend
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden.shape
+
+        def split_heads(x):  # (B, N, C) -> (B, heads, N, C / heads)
+            return x.view(batch, length, self.heads, -1).transpose(1, 2)
+
+        q, k, v = (split_heads(proj(hidden)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = ops.attention(q, k, v, scale=self.scale, mask=mask, backend=self.attention_backend)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, heads, N, d) -> (B, N, C)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN residual block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.layer_norm1(hidden), mask)
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+def causal_attention_mask(attention_mask: torch.Tensor | None, length: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """Additive mask (B or 1, 1, N, N): 0 where query i may see key j (j <= i and key j not padding), else the
+    dtype's most negative number.
+
+    A query whose every key is masked (a sequence that starts with padding) gets a uniform average of all
+    values here; transformers' SDPA path returns zeros for such rows. Positions that read real tokens agree.
+    """
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, N, N)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, N, N)
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class CLIPTextModel(ModelMixin):
+    """The CLIP text transformer (no projection head), as transformers' CLIPTextModel.
+
+    ``text_encoder(input_ids).last_hidden_state`` is Stable Diffusion's ``encoder_hidden_states``.
+    """
+
+    config_class = CLIPTextConfig
+    weights_name = "model.safetensors"
+    ignored_config_keys = TRANSFORMERS_BOOKKEEPING_KEYS
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        c = self.register_config(kwargs)
+        check_choice("hidden_act", c.hidden_act, ACTIVATIONS)
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}"
+            )
+        if c.attention_dropout:
+            raise ValueError(f"attention_dropout={c.attention_dropout} is not supported; accepted value: 0.0")
+        if not isinstance(c.eos_token_id, int):
+            raise ValueError(f"eos_token_id must be one integer token id, got {c.eos_token_id!r}")
+        self.embeddings = CLIPTextEmbeddings(c)
+        self.encoder = CLIPEncoder(c)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Serve this model's attention with ``backend`` (a name registered in ``minidiff.ops``); None = default."""
+        if backend is not None:
+            check_choice("backend", backend, ops.available_backends("attention"))
+        for layer in self.encoder.layers:
+            layer.self_attn.attention_backend = backend
+
+    def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accept transformers 4.x keys (``text_model.`` prefix); drop the ``position_ids`` buffer some files hold."""
+        converted = {key.removeprefix("text_model."): value for key, value in state_dict.items()}
+        converted.pop("embeddings.position_ids", None)
+        return converted
+
+    def save_config(self, folder: str | os.PathLike) -> str:
+        """A config.json that transformers' ``CLIPTextModel.from_pretrained`` (and AutoConfig) accepts."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(os.fspath(folder), self.config_name)
+        payload = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                   "transformers_version": TRANSFORMERS_VERSION, "dtype": str(self.dtype).removeprefix("torch."),
+                   **self.config.to_dict()}
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+        return path
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        c = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
+                else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, sequence), got {got}")
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens; max_position_embeddings is {c.max_position_embeddings}"
+            )
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < c.vocab_size:
+            raise ValueError(
+                f"input_ids hold token ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
+                f"vocab_size is {c.vocab_size}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected the input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+
+    def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden state at the end-of-text token (B, C).
+
+        Configs with the legacy ``eos_token_id == 2`` take the position of the largest id (OpenAI's original rule,
+        as end-of-text is the last vocabulary entry); others take the first occurrence of ``eos_token_id``.
+        """
+        if self.config.eos_token_id == 2:
+            eos_position = input_ids.int().argmax(dim=-1)  # (B,)
+        else:
+            eos_position = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # (B,)
+        rows = torch.arange(input_ids.shape[0], device=last_hidden_state.device)
+        return last_hidden_state[rows, eos_position.to(last_hidden_state.device)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> CLIPTextModelOutput | tuple:
+        """``input_ids`` (B, N) token ids, ``attention_mask`` (B, N) 1 = token, 0 = padding."""
+        self._check_inputs(input_ids, attention_mask)
+        hidden = self.embeddings(input_ids, position_ids)  # (B, N, C)
+        mask = causal_attention_mask(attention_mask, input_ids.shape[1], hidden.dtype, hidden.device)
+        all_hidden = [hidden]
+        for layer in self.encoder.layers:
+            hidden = layer(hidden, mask)
+            all_hidden.append(hidden)
+        last_hidden_state = self.final_layer_norm(hidden)
+        output = CLIPTextModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=self.pool(last_hidden_state, input_ids),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,164 @@
+"""CLIPTextModel parity with transformers 5.23: seeded tiny towers saved with save_pretrained, loaded both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from minidiff.models.clip import CLIPTextModel
+from parity.report import compare
+
+COMPONENT = "CLIPTextModel"
+FORWARD_TOL = 1e-5
+GRAD_TOL = 1e-4
+
+# diffusers' pipeline tests (tests/pipelines/stable_diffusion/test_stable_diffusion.py, get_dummy_components)
+DIFFUSERS_TEST = dict(bos_token_id=0, eos_token_id=2, hidden_size=8, intermediate_size=16, layer_norm_eps=1e-5,
+                      num_attention_heads=2, num_hidden_layers=2, pad_token_id=1, vocab_size=1000)
+# SD1: OpenAI CLIP-L layout (quick_gelu, real vocabulary and special ids), narrow
+SD1_LIKE = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=32)
+# SD2: OpenCLIP-H layout (exact gelu, pad id 0, head dim 64 like ViT-H), narrow and shallow
+SD2_LIKE = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0, projection_dim=64)
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Perturb every parameter (LayerNorm scales/shifts and biases start at 1/0), so each one is exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def reference_model(config: dict, seed: int = 0) -> transformers.CLIPTextModel:
+    torch.manual_seed(seed)
+    model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
+    randomize_(model, seed)
+    return model.eval()
+
+
+def reference_and_minidiff(config: dict, folder, seed: int = 0):
+    reference = reference_model(config, seed)
+    reference.save_pretrained(folder)
+    return reference, CLIPTextModel.from_pretrained(folder)
+
+
+def token_ids(config: dict, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Prompts as the tokenizer makes them: bos, words, eos, then padding (with eos for SD1, pad id for SD2)."""
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(3, config["vocab_size"] - 2, (batch, length), generator=generator)
+    ids = torch.full((batch, length), config["pad_token_id"])
+    for row in range(batch):
+        n_words = int(torch.randint(0, length - 1, (1,), generator=generator))
+        ids[row, 0] = config["bos_token_id"]
+        ids[row, 1:1 + n_words] = words[row, :n_words]
+        ids[row, 1 + n_words] = config["eos_token_id"]
+    return ids
+
+
+def compare_outputs(case: str, ours, theirs) -> None:
+    compare(COMPONENT, f"{case}: last_hidden_state", ours.last_hidden_state, theirs.last_hidden_state, FORWARD_TOL)
+    compare(COMPONENT, f"{case}: pooler_output", ours.pooler_output, theirs.pooler_output, FORWARD_TOL)
+    if theirs.hidden_states is not None:
+        assert len(ours.hidden_states) == len(theirs.hidden_states)
+        for ours_h, theirs_h in zip(ours.hidden_states, theirs.hidden_states):
+            compare(COMPONENT, f"{case}: hidden_states", ours_h, theirs_h, FORWARD_TOL)
+
+
+def run_both(reference, ours, ids, attention_mask=None):
+    with torch.no_grad():
+        theirs_out = reference(ids, attention_mask=attention_mask, output_hidden_states=True)
+        ours_out = ours(ids, attention_mask=attention_mask, output_hidden_states=True)
+    return ours_out, theirs_out
+
+
+@pytest.mark.parametrize("case, config", [("diffusers test config", DIFFUSERS_TEST), ("SD1-like", SD1_LIKE),
+                                          ("SD2-like", SD2_LIKE)])
+def test_forward(tmp_path, case, config):
+    reference, ours = reference_and_minidiff(config, tmp_path)
+    ids = token_ids(config, batch=3, length=77 if config is not DIFFUSERS_TEST else 16, seed=1)
+    compare_outputs(case, *run_both(reference, ours, ids))
+
+
+def test_attention_mask(tmp_path):
+    reference, ours = reference_and_minidiff(SD1_LIKE, tmp_path)
+    ids = token_ids(SD1_LIKE, batch=3, length=20, seed=2)
+    attention_mask = torch.tensor([[1] * 20, [1] * 12 + [0] * 8, [1] * 3 + [0] * 17])
+    compare_outputs("SD1-like, attention_mask", *run_both(reference, ours, ids, attention_mask))
+
+
+@pytest.mark.parametrize("backend", ["math", "chunked"])
+def test_attention_backends(tmp_path, backend):
+    reference, ours = reference_and_minidiff(SD2_LIKE, tmp_path)
+    ours.set_attention_backend(backend)
+    ids = token_ids(SD2_LIKE, batch=2, length=77, seed=3)
+    compare_outputs(f"SD2-like, {backend} backend", *run_both(reference, ours, ids))
+
+
+def test_text_model_prefix_and_position_ids(tmp_path):
+    """transformers 4.x files: ``text_model.``-prefixed keys, some with the position_ids buffer."""
+    reference, _ = reference_and_minidiff(SD1_LIKE, tmp_path)
+    state = {f"text_model.{key}": value for key, value in load_file(str(tmp_path / "model.safetensors")).items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours = CLIPTextModel.from_pretrained(tmp_path)
+    ids = token_ids(SD1_LIKE, batch=2, length=77, seed=4)
+    compare_outputs("SD1-like, text_model. prefixed file", *run_both(reference, ours, ids))
+
+
+def test_gradients(tmp_path):
+    reference, ours = reference_and_minidiff(SD1_LIKE, tmp_path)
+    ids = token_ids(SD1_LIKE, batch=2, length=24, seed=5)
+    attention_mask = (torch.arange(24) < torch.tensor([[24], [10]])).long()
+    weights = torch.randn(2, 24, SD1_LIKE["hidden_size"], generator=torch.Generator().manual_seed(6))
+    for model in (reference, ours):
+        out = model(ids, attention_mask=attention_mask)
+        ((out.last_hidden_state * weights).sum() + out.pooler_output.square().sum()).backward()
+    theirs = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        compare(COMPONENT, "SD1-like: parameter gradients", param.grad, theirs[name].grad, GRAD_TOL)
+
+
+def test_minidiff_saved_folder_loads_in_transformers(tmp_path):
+    torch.manual_seed(7)
+    ours = CLIPTextModel(**SD2_LIKE)
+    randomize_(ours, 7)
+    ours.eval().save_pretrained(tmp_path)
+    reference, info = transformers.CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), f"transformers reported loading problems: {info}"
+    ids = token_ids(SD2_LIKE, batch=2, length=77, seed=8)
+    compare_outputs("SD2-like, minidiff save -> transformers load", *run_both(reference.eval(), ours, ids))
+
+
+@st.composite
+def text_configs(draw):
+    heads = draw(st.integers(1, 4))
+    config = dict(
+        vocab_size=draw(st.integers(16, 300)), hidden_size=heads * draw(st.integers(1, 12)),
+        intermediate_size=draw(st.integers(1, 48)), num_hidden_layers=draw(st.integers(1, 3)),
+        num_attention_heads=heads, max_position_embeddings=draw(st.integers(8, 40)),
+        hidden_act=draw(st.sampled_from(["quick_gelu", "gelu"])),
+        layer_norm_eps=draw(st.sampled_from([1e-5, 1e-6])), pad_token_id=1, bos_token_id=0,
+    )
+    config["eos_token_id"] = draw(st.sampled_from([2, config["vocab_size"] - 1]))
+    return config
+
+
+@settings(max_examples=12, deadline=None)
+@given(config=text_configs(), batch=st.integers(1, 3), data=st.data())
+def test_hypothesis_configs(tmp_path_factory, config, batch, data):
+    folder = tmp_path_factory.mktemp("clip")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    reference, ours = reference_and_minidiff(config, folder, seed)
+    length = data.draw(st.integers(2, config["max_position_embeddings"]), label="length")
+    ids = token_ids(config, batch, length, seed)
+    # padding anywhere except the first token: every query then sees at least one key (see causal_attention_mask)
+    keep = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.7
+    keep[:, 0] = True
+    use_mask = data.draw(st.booleans(), label="use attention_mask")
+    compare_outputs("hypothesis configs", *run_both(reference, ours, ids, keep.long() if use_mask else None))
