@@ -1,0 +1,139 @@
+"""DiffusionPipeline: a bag of named components plus folder I/O in diffusers' layout (model_index.json).
+
+A pipeline folder holds one subfolder per component (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and a
+``model_index.json`` naming each component's class. minidiff reads the folders diffusers writes and writes folders
+diffusers reads. Components diffusers pipelines carry but minidiff does not run (safety_checker, feature_extractor,
+image_encoder) are skipped when loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.loading.hub import resolve_folder
+from minidiff.pipelines.images import numpy_to_pil
+
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def component_class(kind: str, class_name: str) -> type:
+    """The minidiff class for a diffusers/transformers class name found in model_index.json."""
+    from minidiff import models, schedulers, text
+
+    for module in (models, schedulers, text):
+        if hasattr(module, class_name):
+            return getattr(module, class_name)
+    supported = sorted(n for m in (models, schedulers, text) for n in getattr(m, "__all__", []))
+    raise ValueError(
+        f"model_index.json names {class_name} for {kind!r}, which minidiff does not implement; supported classes: "
+        f"{supported}. Pass the component yourself, e.g. from_pretrained(folder, {kind}=...)"
+    )
+
+
+class DiffusionPipeline:
+    """Base of every pipeline. Subclasses list their ``component_names`` and write ``__call__``."""
+
+    component_names: tuple[str, ...] = ()
+    optional_components: tuple[str, ...] = ()
+
+    def __init__(self, **components: Any) -> None:
+        missing = [n for n in self.component_names if components.get(n) is None and n not in self.optional_components]
+        unknown = sorted(set(components) - set(self.component_names))
+        if missing or unknown:
+            raise TypeError(
+                f"{type(self).__name__} needs components {list(self.component_names)}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        for name in self.component_names:
+            setattr(self, name, components.get(name))
+        self._progress_bar_config: dict[str, Any] = {}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.component_names}
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        modules = self._modules()
+        return next(modules[0].parameters()).device if modules else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        modules = self._modules()
+        return next(modules[0].parameters()).dtype if modules else torch.float32
+
+    def to(self, *args: Any, **kwargs: Any) -> "DiffusionPipeline":
+        """Move every model to a device and/or dtype: ``pipe.to("cpu")``, ``pipe.to(torch.bfloat16)``."""
+        for module in self._modules():
+            module.to(*args, **kwargs)
+        return self
+
+    # ---- progress bars ----------------------------------------------------------------------------------------
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for tqdm, e.g. ``disable=True`` to silence the bars."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable=None, total=None):
+        return tqdm(iterable, total=total, **self._progress_bar_config)
+
+    numpy_to_pil = staticmethod(numpy_to_pil)
+
+    # ---- folders ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant: str | None = None, **overrides):
+        """Load every component from a diffusers pipeline folder; pass ``name=object`` to supply one yourself."""
+        folder = resolve_folder(pretrained_model_name_or_path)
+        index_path = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"{index_path} does not exist: a pipeline folder needs model_index.json "
+                "(for a single .safetensors/.ckpt checkpoint use from_single_file)"
+            )
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        components = {}
+        for name in cls.component_names:
+            if name in overrides:
+                components[name] = overrides.pop(name)
+                continue
+            entry = index.get(name)
+            if not entry or entry[1] is None:
+                if name in cls.optional_components:
+                    continue
+                raise ValueError(f"{index_path} has no entry for the {name!r} component {cls.__name__} needs")
+            components[name] = _load_component(name, entry[1], folder, torch_dtype, variant)
+        if overrides:
+            raise TypeError(f"unknown components {sorted(overrides)}; {cls.__name__} has {list(cls.component_names)}")
+        return cls(**components)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write each component to its subfolder plus model_index.json (diffusers' layout)."""
+        os.makedirs(save_directory, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": "0.42.1"}
+        for name, component in self.components.items():
+            if component is None:
+                index[name] = [None, None]
+                continue
+            library = "transformers" if name in ("text_encoder", "tokenizer") else "diffusers"
+            index[name] = [library, type(component).__name__]
+            component.save_pretrained(os.path.join(os.fspath(save_directory), name))
+        for name in SKIPPED_COMPONENTS[:2]:
+            index[name] = [None, None]
+        index["requires_safety_checker"] = False
+        with open(os.path.join(save_directory, "model_index.json"), "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+
+
+def _load_component(name: str, class_name: str, folder: str, torch_dtype, variant):
+    cls = component_class(name, class_name)
+    if name in ("tokenizer", "scheduler"):
+        return cls.from_pretrained(folder, subfolder=name)
+    return cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)

@@ -1,0 +1,100 @@
+"""Image to image (SDEdit, Meng et al. 2022): noise an input image's latents to an intermediate step, then denoise.
+
+``strength`` in [0, 1] says how far into the noise schedule to go: 1 starts from (almost) pure noise, 0 returns the
+input. With N steps only the last ``int(N * strength)`` timesteps of the schedule run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from minidiff.pipelines.images import preprocess_image
+from minidiff.pipelines.stable_diffusion import StableDiffusionBase, prompt_batch
+from minidiff.random import randn_tensor
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Text-guided image to image."""
+
+    def encode_image_latents(self, image: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """VAE posterior samples z ~ q(z | x), times the scaling factor; one generator per image if a list is given.
+        A 1-image input is repeated to the batch."""
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
+        if batch % image.shape[0]:
+            raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
+        if isinstance(generator, list):
+            image = image.repeat(batch // image.shape[0], 1, 1, 1)
+            latents = torch.cat([self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(batch)])
+        else:
+            latents = self.vae.encode(image).latent_dist.sample(generator)
+        latents = latents * self.vae.config.scaling_factor
+        return latents.repeat(batch // latents.shape[0], 1, 1, 1)  # (B, 4, H/8, W/8)
+
+    def strength_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """The tail of the schedule that ``strength`` keeps; tells sigma schedulers where they begin."""
+        check_strength(strength)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        start = max(num_inference_steps - kept, 0) * self.scheduler.order
+        timesteps = self.scheduler.timesteps[start:]
+        if len(timesteps) == 0:
+            raise ValueError(
+                f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising step; "
+                "raise strength or the number of steps"
+            )
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+    ):
+        check_strength(strength)
+        self.check_output_type(output_type)
+        if image is None:
+            raise ValueError("img2img needs an image (PIL image, numpy array or tensor)")
+        device, do_cfg = self.device, guidance_scale > 1.0
+        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
+        )
+        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        pixels = preprocess_image(image, scale=self.vae_scale_factor).to(device=device, dtype=text.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.strength_timesteps(num_inference_steps, strength)
+        clean = self.encode_image_latents(pixels, batch, generator)
+        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=text.dtype)
+        latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))  # x_t at the first kept step
+        step_kwargs = self.step_kwargs(generator, eta)
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+        return self.finish(latents, output_type, return_dict)

@@ -1,0 +1,116 @@
+"""Inpainting: repaint the white part of a mask, keep the rest.
+
+Two ways, chosen by the UNet:
+- a 9-channel inpainting UNet sees ``cat([x_t, mask, latents of the masked image])`` and learns to fill the hole;
+- a plain 4-channel UNet denoises everywhere, and after each step the kept region is replaced by the original
+  latents noised to the next timestep (the RePaint-style blend of Lugmayr et al. 2022, without resampling).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from minidiff.pipelines.images import default_size, preprocess_image, preprocess_mask
+from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline, check_strength
+from minidiff.pipelines.stable_diffusion import prompt_batch
+from minidiff.random import randn_tensor
+
+
+def _size_of(image: Any) -> tuple[int, int]:
+    return default_size(image, None, None, 1)
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
+    """Text-guided inpainting with 9-channel or 4-channel UNets."""
+
+    def prepare_mask(self, mask: torch.Tensor, masked_image: torch.Tensor, batch: int, generator, do_cfg: bool):
+        """Mask resized to latent size (nearest) and masked-image latents, repeated to the (CFG) batch."""
+        latent_size = (mask.shape[-2] // self.vae_scale_factor, mask.shape[-1] // self.vae_scale_factor)
+        mask = F.interpolate(mask, size=latent_size)  # (B, 1, h, w), nearest
+        masked_latents = self.encode_image_latents(masked_image, masked_image.shape[0], generator)
+        for name, tensor in (("mask_image", mask), ("image", masked_latents)):
+            if batch % tensor.shape[0]:
+                raise ValueError(f"{tensor.shape[0]} {name} entries cannot be spread over a batch of {batch}")
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
+        masked_latents = masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
+        if do_cfg:
+            mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
+        return mask, masked_latents
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+    ):
+        check_strength(strength)
+        self.check_output_type(output_type)
+        if image is None or mask_image is None:
+            raise ValueError("inpainting needs both image and mask_image")
+        if _size_of(image) != _size_of(mask_image):
+            raise ValueError(f"image is {_size_of(image)} (h, w) but mask_image is {_size_of(mask_image)}; they must match")
+        channels = self.unet.config.in_channels
+        if channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
+        height, width = self.default_size(height, width)
+        device, do_cfg = self.device, guidance_scale > 1.0
+        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
+        )
+        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.strength_timesteps(num_inference_steps, strength)
+        pixels = preprocess_image(image, height, width, self.vae_scale_factor).to(device)  # (B, 3, H, W) in [-1, 1]
+        mask = preprocess_mask(mask_image, height, width).to(device)  # (B, 1, H, W), 1 = repaint
+
+        # Random draws in diffusers' order: image latents (if needed), noise, masked-image latents.
+        clean = None
+        if channels == 4 or (latents is None and strength < 1.0):
+            clean = self.encode_image_latents(pixels.to(text.dtype), batch, generator)
+        shape = (batch, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=text.dtype)
+            if strength == 1.0:
+                latents = noise * self.scheduler.init_noise_sigma
+            else:
+                latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+        else:
+            noise = latents.to(device)
+            latents = noise * self.scheduler.init_noise_sigma
+        masked_image = pixels * (mask < 0.5)
+        mask, masked_latents = self.prepare_mask(mask.to(text.dtype), masked_image.to(text.dtype), batch, generator, do_cfg)
+        extra = torch.cat([mask, masked_latents], dim=1) if channels == 9 else None
+        step_kwargs = self.step_kwargs(generator, eta)
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if channels == 4:  # keep the unmasked region on the original image's noisy trajectory
+                keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])
+                repaint = mask.chunk(2)[0] if do_cfg else mask
+                latents = (1 - repaint) * keep + repaint * latents
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+        return self.finish(latents, output_type, return_dict)
