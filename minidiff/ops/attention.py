@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minidiff.ops.registry import define_op, dispatch, register_backend
+from minidiff.ops.registry import current_backend, define_op, dispatch, register_backend
 
 DEFAULT_CHUNK = 1024
 
@@ -59,6 +59,12 @@ register_backend("attention", "sdpa", sdpa_attention, builtin=True)
 register_backend("attention", "chunked", chunked_attention, builtin=True)
 
 
-def attention(q, k, v, *, scale=None, upcast=False, mask=None, backend: str | None = None) -> torch.Tensor:
-    """Attention through the seam; ``backend`` is a per-model choice that a ``use_backend`` block overrides."""
+def attention(q, k, v, *, scale=None, upcast=False, mask=None, backend: str | None = None,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """Attention through the seam; ``backend`` is a per-model choice that a ``use_backend`` block overrides.
+
+    ``chunk_size`` (query rows per slice) is a per-model setting of the ``chunked`` backend; other backends ignore it.
+    """
+    if chunk_size is not None and current_backend("attention", backend) == "chunked":
+        return dispatch("attention", backend, q, k, v, scale=scale, upcast=upcast, mask=mask, chunk_size=chunk_size)
     return dispatch("attention", backend, q, k, v, scale=scale, upcast=upcast, mask=mask)

@@ -1,0 +1,169 @@
+"""The convolutional pieces of the UNets and the VAE: ResnetBlock2D, Downsample2D, Upsample2D.
+
+The residual block is the one of the DDPM UNet (Ho et al. 2020, Appendix B, after Wide ResNets): two
+GroupNorm -> SiLU -> 3x3 conv stages, the time embedding added in between, and a 1x1 conv on the skip path when the
+channel count changes. Attribute names equal diffusers' state_dict keys (``norm1``, ``conv1``, ``time_emb_proj``,
+``norm2``, ``conv2``, ``conv_shortcut``), so checkpoints load without renaming.
+
+The VAE reuses these blocks with ``temb_channels=None`` (no time embedding) and ``Downsample2D(padding=0)``
+(asymmetric zero pad, see ``Downsample2D``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# diffusers' activation names (models/activations.py ACT2CLS)
+ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def get_activation(name: str) -> nn.Module:
+    """The activation module for a diffusers ``act_fn`` name (case-insensitive)."""
+    if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; accepted values: {', '.join(map(repr, ACTIVATIONS))}")
+    return ACTIVATIONS[name.lower()]()
+
+
+class Downsample2D(nn.Module):
+    """Halve the spatial size: a 3x3 conv with stride 2 (``use_conv``) or a 2x2 average pool.
+
+    ``padding=0`` is the VAE encoder's layout (from the LDM code): the input is zero-padded by one pixel on the right
+    and bottom only, ``F.pad(x, (0, 1, 0, 1))``, before the stride-2 conv, so an even size H maps to H / 2.
+    """
+
+    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.padding = padding
+        if use_conv:
+            self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, stride=2, padding=padding)
+        else:
+            if self.out_channels != channels:
+                raise ValueError(f"Downsample2D without a conv keeps the channels: got {channels} -> {out_channels}")
+            self.conv = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.use_conv and self.padding == 0:
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1))  # (B, C, H, W) -> (B, C, H + 1, W + 1)
+        return self.conv(hidden_states)  # -> (B, C_out, H / 2, W / 2)
+
+
+class Upsample2D(nn.Module):
+    """Double the spatial size (nearest neighbour), or resize to ``output_size`` when the skip connection it will be
+    concatenated with has an odd size; then an optional 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
+
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            hidden_states = F.interpolate(hidden_states, size=tuple(output_size), mode="nearest")
+        return self.conv(hidden_states) if self.conv is not None else hidden_states
+
+
+class ResnetBlock2D(nn.Module):
+    """``x -> (skip(x) + conv2(drop(act(norm2(conv1(act(norm1(x))) + proj(act(temb))))))) / output_scale_factor``.
+
+    Options (diffusers' names):
+      - ``temb_channels=None``: no time embedding (VAE).
+      - ``time_embedding_norm="scale_shift"``: the embedding gives a scale and a shift applied after ``norm2``,
+        ``h = norm2(h) * (1 + scale) + shift`` (Nichol & Dhariwal 2021, "adaptive group norm").
+      - ``skip_time_act``: feed ``temb`` to ``time_emb_proj`` without the activation.
+      - ``up`` / ``down``: resample both paths after the first activation (nearest x2 / 2x2 average pool), the
+        "resnet" up/down samplers of ``ResnetUpsampleBlock2D`` / ``ResnetDownsampleBlock2D``.
+      - ``use_in_shortcut``: force the 1x1 ``conv_shortcut`` (default: only when the channel count changes).
+        diffusers' ``conv_shortcut=True`` flag has no effect in 0.42 (the shortcut is always 1x1), so it is not taken.
+      - ``output_scale_factor``: divide the sum (the mid block of UNet2DModel uses ``mid_block_scale_factor``).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        eps: float = 1e-6,
+        non_linearity: str = "swish",
+        time_embedding_norm: str = "default",
+        output_scale_factor: float = 1.0,
+        dropout: float = 0.0,
+        skip_time_act: bool = False,
+        up: bool = False,
+        down: bool = False,
+        use_in_shortcut: bool | None = None,
+        conv_shortcut_bias: bool = True,
+    ):
+        super().__init__()
+        if time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(
+                f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; accepted values: 'default', 'scale_shift'"
+            )
+        if up and down:
+            raise ValueError("ResnetBlock2D cannot both upsample and downsample")
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.time_embedding_norm = time_embedding_norm
+        self.output_scale_factor = output_scale_factor
+        self.skip_time_act = skip_time_act
+
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        if temb_channels is None:
+            self.time_emb_proj = None
+        else:
+            temb_out = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+            self.time_emb_proj = nn.Linear(temb_channels, temb_out)
+        self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nonlinearity = get_activation(non_linearity)
+
+        # parameter-free resamplers, so they add no state_dict keys
+        self.upsample = Upsample2D(in_channels) if up else None
+        self.downsample = Downsample2D(in_channels) if down else None
+
+        if use_in_shortcut is None:
+            use_in_shortcut = in_channels != out_channels
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=conv_shortcut_bias) if use_in_shortcut else None
+        )
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.nonlinearity(self.norm1(input_tensor))
+        if self.upsample is not None:
+            input_tensor, hidden_states = self.upsample(input_tensor), self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor, hidden_states = self.downsample(input_tensor), self.downsample(hidden_states)
+        hidden_states = self.conv1(hidden_states)  # (B, C_in, H, W) -> (B, C_out, H, W)
+
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("this ResnetBlock2D was built with temb_channels and needs a time embedding `temb`")
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, T) -> (B, C_out or 2 C_out, 1, 1)
+
+        if self.time_embedding_norm == "scale_shift" and self.time_emb_proj is not None:
+            scale, shift = temb.chunk(2, dim=1)
+            hidden_states = self.norm2(hidden_states) * (1 + scale) + shift
+        else:
+            if self.time_emb_proj is not None:
+                hidden_states = hidden_states + temb
+            hidden_states = self.norm2(hidden_states)
+
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)  # 1x1: (B, C_in, H, W) -> (B, C_out, H, W)
+        return (input_tensor + hidden_states) / self.output_scale_factor
