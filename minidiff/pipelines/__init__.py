@@ -1,0 +1,14 @@
+"""Pipelines: each a readable sampling loop over the shared Stable Diffusion helpers."""
+
+from minidiff.pipelines.base import DiffusionPipeline
+from minidiff.pipelines.ddpm import DDIMPipeline, DDPMPipeline, ImagePipelineOutput
+from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
+from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
+from minidiff.pipelines.inversion import InversionOutput, StableDiffusionDDIMInversionPipeline
+from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+
+__all__ = [
+    "DiffusionPipeline", "DDPMPipeline", "DDIMPipeline", "ImagePipelineOutput",
+    "StableDiffusionPipeline", "StableDiffusionPipelineOutput", "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline", "InversionOutput",
+]
