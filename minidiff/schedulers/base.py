@@ -45,6 +45,9 @@ class SchedulerMixin(ConfigMixin):
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
         return f"{type(self).__name__}({options})"
@@ -110,3 +113,19 @@ def as_int_timestep(timestep: Any) -> int:
     if isinstance(timestep, float) and not timestep.is_integer():
         raise ValueError(f"this scheduler uses integer timesteps, got {timestep}")
     return int(timestep)
+
+
+def check_timestep(timestep: Any, num_train_timesteps: int) -> int:
+    """``timestep`` as a Python int, checked to be a training timestep in [0, num_train_timesteps - 1]."""
+    t = as_int_timestep(timestep)
+    if not 0 <= t < num_train_timesteps:
+        raise ValueError(f"timestep {t} is outside [0, {num_train_timesteps - 1}] (num_train_timesteps={num_train_timesteps})")
+    return t
+
+
+def check_in_schedule(timestep: int, timesteps: torch.Tensor) -> None:
+    """Reject a timestep that ``set_timesteps`` did not produce, listing (some of) the valid ones."""
+    if not bool((timesteps == timestep).any()):
+        valid = timesteps.tolist()
+        shown = ", ".join(map(str, valid)) if len(valid) <= 12 else ", ".join(map(str, valid[:8])) + f", ... {valid[-1]}"
+        raise ValueError(f"timestep {timestep} is not in this schedule; step() takes the values of scheduler.timesteps: [{shown}]")

@@ -70,7 +70,7 @@ def check_common_options(config) -> None:
         raise ValueError(f"num_train_timesteps={config.num_train_timesteps} must be at least 1")
     if config.trained_betas is None:
         check_choice("beta_schedule", config.beta_schedule, getattr(config, "beta_schedules", BETA_SCHEDULES))
-    check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", config.prediction_type, getattr(config, "prediction_types", PREDICTION_TYPES))
     check_choice("timestep_spacing", config.timestep_spacing, getattr(config, "timestep_spacings", TIMESTEP_SPACINGS))
 
 
@@ -106,6 +106,16 @@ def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.
         flat = flat.float()
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)  # (B, 1)
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def clip_or_threshold(x0: torch.Tensor, config) -> torch.Tensor:
+    """Keep a predicted x0 in range: dynamic thresholding if ``config.thresholding``, else clamping to
+    ``[-clip_sample_range, clip_sample_range]`` if ``config.clip_sample`` (DDPM's clip to [-1, 1])."""
+    if getattr(config, "thresholding", False):
+        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if getattr(config, "clip_sample", False):
+        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return x0
 
 
 def predicted_x0_and_eps(model_output, sample, alpha_bar_t, prediction_type: str):
