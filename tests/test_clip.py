@@ -78,7 +78,11 @@ def test_attention_backends_agree(model):
     for backend in ("math", "chunked", None):
         model.set_attention_backend(backend)
         torch.testing.assert_close(model(ids).last_hidden_state, reference, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="backend='flash3' is not supported; accepted values: .*'math'"):
+    model.enable_attention_slicing(3)
+    assert model.encoder.layers[1].self_attn.chunk_size == 3
+    torch.testing.assert_close(model(ids).last_hidden_state, reference, atol=1e-6, rtol=1e-5)
+    model.disable_attention_slicing()
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash3'; registered backends: \[.*'math'"):
         model.set_attention_backend("flash3")
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from minidiff import ops
 from minidiff.configuration import Config, check_choice
+from minidiff.models.attention import AttentionBackendMixin
 from minidiff.models.modeling import ModelMixin
 from minidiff.outputs import BaseOutput
 
@@ -97,14 +98,16 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with biased q/k/v/out projections; the kernel comes from ``minidiff.ops``."""
+    """Multi-head self-attention with biased q/k/v/out projections; the kernel comes from ``minidiff.ops``
+    (``backend``/``chunk_size``: the per-model choice set by ``set_attention_backend``/``enable_attention_slicing``)."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         width = config.hidden_size
         self.heads = config.num_attention_heads
         self.scale = (width // self.heads) ** -0.5
-        self.attention_backend: str | None = None  # per-model kernel choice, see CLIPTextModel.set_attention_backend
+        self.backend: str | None = None
+        self.chunk_size: int | None = None
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -117,7 +120,7 @@ class CLIPAttention(nn.Module):
             return x.view(batch, length, self.heads, -1).transpose(1, 2)
 
         q, k, v = (split_heads(proj(hidden)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = ops.attention(q, k, v, scale=self.scale, mask=mask, backend=self.attention_backend)
+        out = ops.attention(q, k, v, scale=self.scale, mask=mask, backend=self.backend, chunk_size=self.chunk_size)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, heads, N, d) -> (B, N, C)
 
 
@@ -167,7 +170,7 @@ def causal_attention_mask(attention_mask: torch.Tensor | None, length: int, dtyp
     return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class CLIPTextModel(ModelMixin):
+class CLIPTextModel(ModelMixin, AttentionBackendMixin):
     """The CLIP text transformer (no projection head), as transformers' CLIPTextModel.
 
     ``text_encoder(input_ids).last_hidden_state`` is Stable Diffusion's ``encoder_hidden_states``.
@@ -193,12 +196,9 @@ class CLIPTextModel(ModelMixin):
         self.encoder = CLIPEncoder(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def set_attention_backend(self, backend: str | None) -> None:
-        """Serve this model's attention with ``backend`` (a name registered in ``minidiff.ops``); None = default."""
-        if backend is not None:
-            check_choice("backend", backend, ops.available_backends("attention"))
-        for layer in self.encoder.layers:
-            layer.self_attn.attention_backend = backend
+    def attention_modules(self) -> list[CLIPAttention]:
+        """What ``set_attention_backend`` / ``enable_attention_slicing`` (AttentionBackendMixin) configure."""
+        return [layer.self_attn for layer in self.encoder.layers]
 
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept transformers 4.x keys (``text_model.`` prefix); drop the ``position_ids`` buffer some files hold."""
