@@ -14,6 +14,7 @@ import torch
 
 from minidiff.configuration import ConfigMixin
 from minidiff.outputs import BaseOutput
+from minidiff.schedulers.betas import make_betas
 
 
 @dataclass
@@ -62,6 +63,13 @@ class SchedulerMixin(ConfigMixin):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.save_config(folder)
+
+    # ---- the forward process q(x_t | x_0) ----------------------------------------------------------------------
+    def _init_alphas(self) -> None:
+        """``betas`` from the config, ``alphas = 1 - betas`` and ``alphas_cumprod`` (alpha_bar), all float32."""
+        self.betas = make_betas(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     # ---- the forward process q(x_t | x_0) ----------------------------------------------------------------------
     def _alpha_bar_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
