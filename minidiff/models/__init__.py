@@ -1,1 +1,3 @@
 from minidiff.models.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.models.unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
+from minidiff.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput

@@ -1,0 +1,255 @@
+"""UNet2DConditionModel: the text-conditioned denoising UNet of Latent Diffusion / Stable Diffusion 1.x and 2.x
+(Rombach et al. 2022, Sec. 3.3): a DDPM UNet whose attention layers are Transformer2DModels that cross-attend to
+the text encoder's hidden states (``encoder_hidden_states``, LDM Eq. 1 with K, V from the text tokens).
+
+``unet(sample, timestep, encoder_hidden_states).sample`` predicts epsilon (or v) with the shape of ``sample``.
+Config fields and state_dict keys are diffusers' ones; fields of diffusers' config that select features minidiff
+does not implement (SDXL's added embeddings, Kandinsky's projections, ...) are accepted at their default value and
+rejected with a ValueError otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from minidiff.configuration import Config, check_choice
+from minidiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, make_class_embedding
+from minidiff.models.resnet import get_activation
+from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_lengths
+from minidiff.models.unet_blocks import CrossAttentionOptions, ResnetOptions, UNetMidBlock2D, UNetMidBlock2DCrossAttn
+from minidiff.outputs import BaseOutput
+
+# config fields whose other values select features minidiff does not implement: field -> accepted values
+UNSUPPORTED_FIELDS = {
+    "dual_cross_attention": (False,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "addition_embed_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+}
+
+
+@dataclass
+class UNet2DConditionOutput(BaseOutput):
+    sample: torch.Tensor  # (B, out_channels, H, W)
+
+
+@dataclass
+class UNet2DConditionConfig(Config):
+    sample_size: Any = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: Any = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Any = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: Any = 1280
+    transformer_layers_per_block: Any = 1
+    reverse_transformer_layers_per_block: Any = None
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    dual_cross_attention: bool = False
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    time_cond_proj_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None
+    attention_type: str = "default"
+    class_embeddings_concat: bool = False
+    mid_block_only_cross_attention: bool | None = None
+    cross_attention_norm: str | None = None
+    addition_embed_type_num_heads: int = 64
+
+
+def per_block(value: Any, count: int) -> list:
+    """An int/bool/None setting repeated for each of ``count`` blocks, or the given per-block list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+class UNet2DConditionModel(UNetBase):
+    """Text-conditioned denoising UNet: ``unet(sample, timestep, encoder_hidden_states).sample``.
+
+    Naming quirk kept from diffusers: ``attention_head_dim`` is the number of heads of each level's
+    Transformer2DModels (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. heads of 64 channels); ``num_attention_heads``,
+    when set, overrides it (diffusers 0.42 itself refuses configs that set it). The mid block uses the last entry.
+    """
+
+    config_class = UNet2DConditionConfig
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        c = self.register_config(kwargs)
+        self._check_config(c)
+        channels = list(c.block_out_channels)
+        levels = len(channels)
+
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=c.conv_in_kernel,
+                                 padding=(c.conv_in_kernel - 1) // 2)
+        if c.time_embedding_type == "fourier":
+            time_embed_dim = c.time_embedding_dim or channels[0] * 2
+            if time_embed_dim % 2:
+                raise ValueError(f"time_embedding_type='fourier' needs an even time_embedding_dim, got {time_embed_dim}")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, log=False, flip_sin_to_cos=c.flip_sin_to_cos)
+            timestep_input_dim = time_embed_dim
+        else:
+            time_embed_dim = c.time_embedding_dim or channels[0] * 4
+            self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
+            timestep_input_dim = channels[0]
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=c.act_fn,
+                                                post_act_fn=c.timestep_post_act)
+        self.class_embedding = make_class_embedding(
+            c.class_embed_type, c.num_class_embeds, time_embed_dim, timestep_input_dim, c.act_fn,
+            c.projection_class_embeddings_input_dim,
+        )
+        self.time_embed_act = get_activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
+
+        # the resnets see the time embedding, concatenated with the class embedding if class_embeddings_concat
+        blocks_time_embed_dim = 2 * time_embed_dim if c.class_embeddings_concat else time_embed_dim
+        resnet = ResnetOptions(temb_channels=blocks_time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
+                               act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
+        heads = per_block(c.num_attention_heads or c.attention_head_dim, levels)
+        head_dims = per_block(c.attention_head_dim, levels)
+        cross_dims = per_block(c.cross_attention_dim, levels)
+        layers = per_block(c.layers_per_block, levels)
+        depths = per_block(c.transformer_layers_per_block, levels)
+        up_depths = c.reverse_transformer_layers_per_block or depths[::-1]
+        only_cross = per_block(c.only_cross_attention, levels)
+
+        def level(i: int, down: bool) -> dict:
+            j = i if down else levels - 1 - i  # up block i sits at the level of down block levels-1-i
+            cross = CrossAttentionOptions(
+                heads[j], cross_dims[j], depths[j] if down else up_depths[i], c.use_linear_projection,
+                only_cross[j], c.upcast_attention,
+            )
+            return dict(num_layers=layers[j] + (0 if down else 1), cross=cross,
+                        # diffusers indexes head sizes of up blocks by i, not reversed (only Attn*Block2D use them)
+                        attention_head_dim=head_dims[i] if head_dims[i] is not None else channels[j],
+                        resnet_skip_time_act=c.resnet_skip_time_act, resnet_out_scale_factor=c.resnet_out_scale_factor)
+
+        self._build_blocks(
+            resnet,
+            [dict(level(i, True), downsample_padding=c.downsample_padding) for i in range(levels)],
+            [level(i, False) for i in range(levels)],
+        )
+        mid_resnet = dataclasses.replace(resnet, output_scale_factor=c.mid_block_scale_factor)
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            cross = CrossAttentionOptions(heads[-1], cross_dims[-1], depths[-1], c.use_linear_projection,
+                                          upcast_attention=c.upcast_attention)
+            self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], mid_resnet, cross)
+        elif c.mid_block_type == "UNetMidBlock2D":
+            self.mid_block = UNetMidBlock2D(channels[-1], mid_resnet, add_attention=False, num_layers=0)
+        else:
+            self.mid_block = None
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
+        self.conv_act = get_activation(c.act_fn)
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=c.conv_out_kernel,
+                                  padding=(c.conv_out_kernel - 1) // 2)
+
+    @staticmethod
+    def _check_config(c: UNet2DConditionConfig) -> None:
+        for name, accepted in UNSUPPORTED_FIELDS.items():
+            if getattr(c, name) not in accepted:
+                raise ValueError(
+                    f"{name}={getattr(c, name)!r} is not supported by minidiff's UNet2DConditionModel; "
+                    f"accepted values: {', '.join(map(repr, accepted))}"
+                )
+        check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
+        check_choice("time_embedding_type", c.time_embedding_type, ("positional", "fourier"))
+        check_choice("resnet_time_scale_shift", c.resnet_time_scale_shift, ("default", "scale_shift"))
+        for name in ("act_fn", "time_embedding_act_fn", "timestep_post_act"):
+            if getattr(c, name) is not None:
+                get_activation(getattr(c, name))
+        if not isinstance(c.norm_num_groups, int):
+            raise ValueError(f"norm_num_groups must be an int, got {c.norm_num_groups!r}")
+        if len(c.down_block_types) != len(c.up_block_types) or len(c.block_out_channels) != len(c.down_block_types):
+            raise ValueError(
+                f"down_block_types {list(c.down_block_types)}, up_block_types {list(c.up_block_types)} and "
+                f"block_out_channels {list(c.block_out_channels)} must have the same length"
+            )
+        check_lengths(c, "only_cross_attention", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
+                      "layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block")
+        depths = c.transformer_layers_per_block
+        if isinstance(depths, (list, tuple)) and c.reverse_transformer_layers_per_block is None and any(
+            isinstance(d, (list, tuple)) for d in depths
+        ):
+            raise ValueError("per-layer transformer_layers_per_block lists need reverse_transformer_layers_per_block")
+
+    def _check_encoder_hidden_states(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
+        dims = sorted({m.cross_attention_dim for m in self.attention_modules() if m.is_cross_attention})
+        if not dims:
+            return
+        if encoder_hidden_states is None:
+            raise ValueError(f"this UNet2DConditionModel cross-attends to text: pass encoder_hidden_states "
+                             f"of shape (B, tokens, {dims[0]})")
+        shape = tuple(encoder_hidden_states.shape)
+        if encoder_hidden_states.ndim != 3 or shape[-1] not in dims or shape[0] != sample.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must have shape (B={sample.shape[0]}, tokens, cross_attention_dim="
+                f"{dims[0] if len(dims) == 1 else dims}), got {shape}"
+            )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        *,
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+    ) -> UNet2DConditionOutput | tuple:
+        """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
+        ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
+        ``cross_attention_kwargs`` is accepted for diffusers call compatibility and must be empty."""
+        if cross_attention_kwargs:
+            raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported "
+                             "(minidiff has no attention processors / LoRA scales); pass None")
+        self._check_sample(sample)
+        self._check_encoder_hidden_states(sample, encoder_hidden_states)
+        c = self.config
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
+        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
+        class_emb = self._class_embedding(class_labels, sample.dtype)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+
+        output = self._unet(sample, emb, encoder_hidden_states)
+        return UNet2DConditionOutput(sample=output) if return_dict else (output,)

@@ -1,0 +1,412 @@
+"""The down, mid and up blocks of the UNets (Ronneberger et al. 2015; the DDPM variant of Ho et al. 2020, App. B;
+the text-conditioned variant of Rombach et al. 2022, Sec. 3.3).
+
+Every block is a stack of ResnetBlock2D layers, each optionally followed by an attention layer, plus an optional
+resampler. What differs between diffusers' block types is only *which* attention and *which* resampler:
+
+| block type                      | attention after each resnet                    | resampler                    |
+|---------------------------------|------------------------------------------------|------------------------------|
+| DownBlock2D / UpBlock2D         | none                                           | stride-2 conv / nearest+conv |
+| AttnDownBlock2D / AttnUpBlock2D | self-attention over pixels (``Attention``)     | conv, or a resnet (``*_type``) |
+| CrossAttnDownBlock2D / ...Up... | ``Transformer2DModel`` (self + cross on text)  | conv                         |
+| ResnetDownsampleBlock2D / ...Up | none                                           | a ResnetBlock2D with down/up |
+
+so each family is one class (``DownBlock2D``, ``UpBlock2D``, ``UNetMidBlock2D``) parameterised by an attention
+factory and a resampler kind; the named subclasses only choose them. Attribute names (``resnets``, ``attentions``,
+``downsamplers``, ``upsamplers``) are diffusers' state_dict keys.
+
+Down blocks return their output and the tensors they leave for the skip connections; up blocks concatenate those
+(last in, first out) before each resnet. ``run_unet_blocks`` wires the U.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from minidiff.models.attention import Attention, Transformer2DModel
+from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+SAMPLER_TYPES = ("conv", "resnet")
+
+
+@dataclass(frozen=True)
+class ResnetOptions:
+    """The settings every ResnetBlock2D of a UNet shares (diffusers passes them as ``resnet_*`` arguments)."""
+
+    temb_channels: int | None
+    groups: int
+    eps: float
+    act_fn: str = "silu"
+    time_scale_shift: str = "default"
+    output_scale_factor: float = 1.0
+    dropout: float = 0.0
+    skip_time_act: bool = False
+
+    def block(self, in_channels: int, out_channels: int, **extra) -> ResnetBlock2D:
+        return ResnetBlock2D(
+            in_channels=in_channels, out_channels=out_channels, temb_channels=self.temb_channels, groups=self.groups,
+            eps=self.eps, non_linearity=self.act_fn, time_embedding_norm=self.time_scale_shift,
+            output_scale_factor=self.output_scale_factor, dropout=self.dropout, skip_time_act=self.skip_time_act,
+            **extra,
+        )
+
+
+@dataclass(frozen=True)
+class CrossAttentionOptions:
+    """The Transformer2DModel settings of one resolution level of UNet2DConditionModel.
+
+    ``transformer_layers``: BasicTransformerBlocks per Transformer2DModel, one int for all or one per resnet layer.
+    """
+
+    num_heads: int
+    cross_attention_dim: int
+    transformer_layers: int | tuple[int, ...] | list[int] = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+
+    def transformer(self, channels: int, groups: int, layer: int) -> Transformer2DModel:
+        depth = self.transformer_layers
+        return Transformer2DModel(
+            self.num_heads, channels // self.num_heads, in_channels=channels,
+            num_layers=depth if isinstance(depth, int) else depth[layer],
+            cross_attention_dim=self.cross_attention_dim, norm_num_groups=groups,
+            use_linear_projection=self.use_linear_projection, only_cross_attention=self.only_cross_attention,
+            upcast_attention=self.upcast_attention,
+        )
+
+
+def pixel_self_attention(channels: int, head_dim: int | None, groups: int | None, eps: float,
+                         rescale_output_factor: float = 1.0) -> Attention:
+    """The attention layer of the DDPM UNet (Ho et al. 2020) and of the VAE: GroupNorm, self-attention over the
+    H*W pixels with ``channels // head_dim`` heads of ``head_dim`` (None: one head), residual connection."""
+    head_dim = channels if head_dim is None else head_dim
+    return Attention(
+        channels, heads=channels // head_dim, dim_head=head_dim, rescale_output_factor=rescale_output_factor, eps=eps,
+        norm_num_groups=groups, residual_connection=True, bias=True, upcast_softmax=True,
+    )
+
+
+# attention factory: layer index -> the attention module after that layer's resnet
+AttentionFactory = Callable[[int], nn.Module]
+
+
+class _ResnetStack(nn.Module):
+    """Shared by all blocks: ``resnets``, optional ``attentions`` (one per layer) and how to call an attention."""
+
+    has_cross_attention = False
+
+    def _build_attentions(self, make_attention: AttentionFactory | None, num_layers: int) -> None:
+        self.attentions = nn.ModuleList(make_attention(i) for i in range(num_layers)) if make_attention else None
+
+    def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        if self.attentions is None:
+            return hidden_states
+        attention = self.attentions[layer]
+        return attention(hidden_states, encoder_hidden_states) if self.has_cross_attention else attention(hidden_states)
+
+
+def _resample(sampler: nn.Module, hidden_states, temb, output_size=None) -> torch.Tensor:
+    if isinstance(sampler, ResnetBlock2D):  # "resnet" samplers take the time embedding
+        return sampler(hidden_states, temb)
+    if isinstance(sampler, Upsample2D):
+        return sampler(hidden_states, output_size)
+    return sampler(hidden_states)
+
+
+class DownBlock2D(_ResnetStack):
+    """``num_layers`` x (resnet [+ attention]), then an optional downsampler (``"conv"``: stride-2 3x3 conv with
+    ``downsample_padding``; ``"resnet"``: a ResnetBlock2D with ``down=True``; None: keep the size)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        resnet: ResnetOptions,
+        downsample: str | None = "conv",
+        downsample_padding: int = 1,
+        make_attention: AttentionFactory | None = None,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            resnet.block(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)
+        )
+        self._build_attentions(make_attention, num_layers)
+        if downsample == "conv":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
+        elif downsample == "resnet":
+            self.downsamplers = nn.ModuleList([resnet.block(out_channels, out_channels, down=True)])
+        else:
+            self.downsamplers = None
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = self._attend(i, resnet(hidden_states, temb), encoder_hidden_states)
+            skips.append(hidden_states)
+        if self.downsamplers is not None:
+            hidden_states = _resample(self.downsamplers[0], hidden_states, temb)  # (B, C, H, W) -> (B, C, H/2, W/2)
+            skips.append(hidden_states)
+        return hidden_states, tuple(skips)
+
+
+class AttnDownBlock2D(DownBlock2D):
+    """DownBlock2D with pixel self-attention (``attention_head_dim`` is the real head size) after each resnet."""
+
+    def __init__(self, in_channels, out_channels, num_layers, resnet: ResnetOptions, attention_head_dim: int | None,
+                 downsample: str | None = "conv", downsample_padding: int = 1):
+        super().__init__(
+            in_channels, out_channels, num_layers, resnet, downsample, downsample_padding,
+            lambda _: pixel_self_attention(out_channels, attention_head_dim, resnet.groups, resnet.eps,
+                                           resnet.output_scale_factor),
+        )
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """DownBlock2D with a Transformer2DModel (self- and cross-attention on the text) after each resnet."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels, out_channels, num_layers, resnet: ResnetOptions, cross: CrossAttentionOptions,
+                 add_downsample: bool = True, downsample_padding: int = 1):
+        super().__init__(
+            in_channels, out_channels, num_layers, resnet, "conv" if add_downsample else None, downsample_padding,
+            lambda layer: cross.transformer(out_channels, resnet.groups, layer),
+        )
+
+
+class ResnetDownsampleBlock2D(DownBlock2D):
+    """DownBlock2D whose downsampler is a ResnetBlock2D with ``down=True`` (2x2 average pool inside the resnet)."""
+
+    def __init__(self, in_channels, out_channels, num_layers, resnet: ResnetOptions, add_downsample: bool = True):
+        super().__init__(in_channels, out_channels, num_layers, resnet, "resnet" if add_downsample else None)
+
+
+class UpBlock2D(_ResnetStack):
+    """``num_layers`` x (concat a skip tensor, resnet [+ attention]), then an optional upsampler (``"conv"``:
+    nearest x2 + 3x3 conv; ``"resnet"``: a ResnetBlock2D with ``up=True``).
+
+    Channel bookkeeping (as diffusers): layer i takes ``prev_output_channel`` (i = 0) or ``out_channels`` from below
+    plus a skip of ``out_channels``, except the last layer whose skip comes from the level above (``in_channels``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        num_layers: int,
+        resnet: ResnetOptions,
+        upsample: str | None = "conv",
+        make_attention: AttentionFactory | None = None,
+    ):
+        super().__init__()
+        resnets = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            below_channels = prev_output_channel if i == 0 else out_channels
+            resnets.append(resnet.block(below_channels + skip_channels, out_channels))
+        self.resnets = nn.ModuleList(resnets)
+        self._build_attentions(make_attention, num_layers)
+        if upsample == "conv":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
+        elif upsample == "resnet":
+            self.upsamplers = nn.ModuleList([resnet.block(out_channels, out_channels, up=True)])
+        else:
+            self.upsamplers = None
+
+    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
+                temb: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            skip = res_hidden_states_tuple[-1 - i]  # the skip tensors are consumed last-in, first-out
+            hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = self._attend(i, resnet(hidden_states, temb), encoder_hidden_states)
+        if self.upsamplers is not None:
+            hidden_states = _resample(self.upsamplers[0], hidden_states, temb, upsample_size)  # -> (B, C, 2H, 2W)
+        return hidden_states
+
+
+class AttnUpBlock2D(UpBlock2D):
+    """UpBlock2D with pixel self-attention after each resnet (``attention_head_dim``: real head size)."""
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, num_layers, resnet: ResnetOptions,
+                 attention_head_dim: int | None, upsample: str | None = "conv"):
+        super().__init__(
+            in_channels, prev_output_channel, out_channels, num_layers, resnet, upsample,
+            lambda _: pixel_self_attention(out_channels, attention_head_dim, resnet.groups, resnet.eps,
+                                           resnet.output_scale_factor),
+        )
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """UpBlock2D with a Transformer2DModel after each resnet."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, num_layers, resnet: ResnetOptions,
+                 cross: CrossAttentionOptions, add_upsample: bool = True):
+        super().__init__(
+            in_channels, prev_output_channel, out_channels, num_layers, resnet, "conv" if add_upsample else None,
+            lambda layer: cross.transformer(out_channels, resnet.groups, layer),
+        )
+
+
+class ResnetUpsampleBlock2D(UpBlock2D):
+    """UpBlock2D whose upsampler is a ResnetBlock2D with ``up=True`` (nearest x2 inside the resnet)."""
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, num_layers, resnet: ResnetOptions,
+                 add_upsample: bool = True):
+        super().__init__(in_channels, prev_output_channel, out_channels, num_layers, resnet,
+                         "resnet" if add_upsample else None)
+
+
+class UNetMidBlock2D(_ResnetStack):
+    """The bottleneck: resnet, then ``num_layers`` x (attention, resnet) at constant channels.
+
+    UNet2DModel (and the VAE) use pixel self-attention with ``attention_head_dim`` (None: one head) and a GroupNorm
+    of ``attn_groups`` groups (None: ``resnet.groups``, or no norm with ``scale_shift`` resnets, as diffusers);
+    ``add_attention=False`` leaves only the resnets. ``UNetMidBlock2DCrossAttn`` uses Transformer2DModels.
+    """
+
+    def __init__(self, in_channels: int, resnet: ResnetOptions, attention_head_dim: int | None = None,
+                 attn_groups: int | None = None, add_attention: bool = True, num_layers: int = 1,
+                 make_attention: AttentionFactory | None = None):
+        super().__init__()
+        if make_attention is None and add_attention:
+            if attn_groups is None and resnet.time_scale_shift == "default":
+                attn_groups = resnet.groups
+            make_attention = lambda _: pixel_self_attention(  # noqa: E731
+                in_channels, attention_head_dim, attn_groups, resnet.eps, resnet.output_scale_factor
+            )
+        self.resnets = nn.ModuleList(resnet.block(in_channels, in_channels) for _ in range(num_layers + 1))
+        self._build_attentions(make_attention, num_layers)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            hidden_states = resnet(self._attend(i, hidden_states, encoder_hidden_states), temb)
+        return hidden_states
+
+
+class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
+    """The bottleneck of Stable Diffusion: resnet, Transformer2DModel, resnet (``cross.only_cross_attention`` is
+    not used here, as in diffusers)."""
+
+    has_cross_attention = True
+
+    def __init__(self, in_channels: int, resnet: ResnetOptions, cross: CrossAttentionOptions, num_layers: int = 1):
+        cross = dataclasses.replace(cross, only_cross_attention=False)
+        super().__init__(in_channels, resnet, num_layers=num_layers,
+                         make_attention=lambda layer: cross.transformer(in_channels, resnet.groups, layer))
+
+
+def _strip_prefix(block_type: str) -> str:
+    return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
+
+
+def _check_block_type(kind: str, block_type: str, supported: tuple[str, ...]) -> str:
+    name = _strip_prefix(block_type)
+    if name not in supported:
+        raise ValueError(f"{kind} block type {block_type!r} is not supported; supported types: {', '.join(supported)}")
+    return name
+
+
+def _need_cross(block_type: str, cross: CrossAttentionOptions | None) -> CrossAttentionOptions:
+    if cross is None:
+        raise ValueError(f"{block_type} needs cross_attention_dim (this model has no cross-attention settings)")
+    return cross
+
+
+def get_down_block(
+    block_type: str,
+    *,
+    num_layers: int,
+    in_channels: int,
+    out_channels: int,
+    add_downsample: bool,
+    resnet: ResnetOptions,
+    attention_head_dim: int | None = None,
+    cross: CrossAttentionOptions | None = None,
+    downsample_padding: int = 1,
+    downsample_type: str = "conv",
+    resnet_skip_time_act: bool = False,
+    resnet_out_scale_factor: float = 1.0,
+) -> DownBlock2D:
+    """Build a down block by diffusers' type name. As in diffusers, ``downsample_type`` only concerns
+    AttnDownBlock2D, and ``resnet_skip_time_act``/``resnet_out_scale_factor`` only ResnetDownsampleBlock2D."""
+    name = _check_block_type("down", block_type, DOWN_BLOCK_TYPES)
+    common = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, resnet=resnet)
+    if name == "DownBlock2D":
+        return DownBlock2D(**common, downsample="conv" if add_downsample else None, downsample_padding=downsample_padding)
+    if name == "AttnDownBlock2D":
+        return AttnDownBlock2D(**common, attention_head_dim=attention_head_dim,
+                               downsample=downsample_type if add_downsample else None,
+                               downsample_padding=downsample_padding)
+    if name == "CrossAttnDownBlock2D":
+        return CrossAttnDownBlock2D(**common, cross=_need_cross(name, cross), add_downsample=add_downsample,
+                                    downsample_padding=downsample_padding)
+    common["resnet"] = dataclasses.replace(resnet, skip_time_act=resnet_skip_time_act,
+                                           output_scale_factor=resnet_out_scale_factor)
+    return ResnetDownsampleBlock2D(**common, add_downsample=add_downsample)
+
+
+def get_up_block(
+    block_type: str,
+    *,
+    num_layers: int,
+    in_channels: int,
+    prev_output_channel: int,
+    out_channels: int,
+    add_upsample: bool,
+    resnet: ResnetOptions,
+    attention_head_dim: int | None = None,
+    cross: CrossAttentionOptions | None = None,
+    upsample_type: str = "conv",
+    resnet_skip_time_act: bool = False,
+    resnet_out_scale_factor: float = 1.0,
+) -> UpBlock2D:
+    """Build an up block by diffusers' type name (see ``get_down_block`` for which options reach which block)."""
+    name = _check_block_type("up", block_type, UP_BLOCK_TYPES)
+    common = dict(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
+                  num_layers=num_layers, resnet=resnet)
+    if name == "UpBlock2D":
+        return UpBlock2D(**common, upsample="conv" if add_upsample else None)
+    if name == "AttnUpBlock2D":
+        return AttnUpBlock2D(**common, attention_head_dim=attention_head_dim,
+                             upsample=upsample_type if add_upsample else None)
+    if name == "CrossAttnUpBlock2D":
+        return CrossAttnUpBlock2D(**common, cross=_need_cross(name, cross), add_upsample=add_upsample)
+    common["resnet"] = dataclasses.replace(resnet, skip_time_act=resnet_skip_time_act,
+                                           output_scale_factor=resnet_out_scale_factor)
+    return ResnetUpsampleBlock2D(**common, add_upsample=add_upsample)
+
+
+def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_blocks: nn.ModuleList,
+                    sample: torch.Tensor, temb: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    """The U: down blocks leave skip tensors on a stack, the mid block runs at the lowest resolution, and each up
+    block takes back as many skips as it has resnets. Upsamplers resize to the size of the next skip tensor, so
+    inputs whose size is not a multiple of 2^levels work (diffusers' ``upsample_size``)."""
+    skips = [sample]
+    for block in down_blocks:
+        sample, block_skips = block(sample, temb, encoder_hidden_states)
+        skips.extend(block_skips)
+    if mid_block is not None:
+        sample = mid_block(sample, temb, encoder_hidden_states)
+    for block in up_blocks:
+        count = len(block.resnets)
+        block_skips, skips = tuple(skips[-count:]), skips[:-count]
+        upsample_size = tuple(skips[-1].shape[2:]) if skips else None
+        sample = block(sample, block_skips, temb, encoder_hidden_states, upsample_size)
+    return sample
