@@ -2,4 +2,8 @@ from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput
 from minidiff.schedulers.ddim import DDIMScheduler
 from minidiff.schedulers.ddim_inverse import DDIMInverseScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
+from minidiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from minidiff.schedulers.euler import EulerDiscreteScheduler
+from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.pndm import PNDMScheduler

@@ -1,0 +1,218 @@
+"""Noise levels and the step-index machine shared by the sigma schedulers (LMS, Euler, Euler ancestral, DPM-Solver).
+
+Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") rewrite the DDPM chain
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` divided by ``sqrt(abar_t)`` as ``x = x_0 + sigma_t eps`` with
+
+    sigma_t = sqrt((1 - abar_t) / abar_t).
+
+A sampler then walks a decreasing list of noise levels ``sigmas[0] > sigmas[1] > ... > sigmas[N] = 0``; the model,
+trained on the DDPM scale, sees ``x / sqrt(sigma^2 + 1)`` and the matching (fractional) training timestep.
+
+Sampling loops pass timesteps, but these schedulers work by position: on the first ``scale_model_input``/``step``
+the position (``step_index``) is found from the timestep, or taken from ``set_begin_index`` (img2img starts
+mid-schedule), and every ``step`` advances it by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from minidiff.schedulers.base import SchedulerMixin, broadcast_to, check_same_shape
+from minidiff.schedulers.betas import integer_timesteps, make_betas
+
+
+# ---- schedules (numpy, with the dtypes diffusers uses so the numbers agree to the last bit) ---------------------------
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for every training step t (increasing in t), float32."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+
+def float_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int) -> np.ndarray:
+    """Descending float32 timesteps. ``linspace`` keeps fractional values (999, 979.6122, ...); ``leading`` and
+    ``trailing`` are the integer grids of :func:`integer_timesteps` (Lin et al. 2023, Table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    return integer_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset).astype(np.float32)
+
+
+def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """sigma at (fractional) timesteps, linear between neighbouring training steps (float64)."""
+    return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, Eq. 5: ``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+    i = 0..N-1: steps crowd towards low noise."""
+    ramp = np.linspace(0, 1, num_steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+    """Invert sigma(t): the fractional training timestep whose noise level is each sigma, interpolating linearly in
+    log sigma between the two training steps that bracket it (k-diffusion's ``sigma_to_t``)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (S,)
+    distances = log_sigma - log_train_sigmas[:, np.newaxis]  # (T, 1) against (S,) -> (T, S)
+    low = np.cumsum(distances >= 0, axis=0).argmax(axis=0).clip(max=len(log_train_sigmas) - 2)  # last step below
+    high = low + 1
+    weight = np.clip((log_train_sigmas[low] - log_sigma) / (log_train_sigmas[low] - log_train_sigmas[high]), 0, 1)
+    return (1 - weight) * low + weight * high
+
+
+def with_final_sigma(sigmas: np.ndarray, final_sigma: float) -> torch.Tensor:
+    """Append the noise level the last step lands on (0, or sigma_min) and store as float32."""
+    return torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32))
+
+
+def sigma_predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """x0 from the model output when ``x = x0 + sigma eps``: ``x - sigma eps``; for v-prediction
+    ``-sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1)`` (Karras et al. 2022, Table 1: c_out, c_skip)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+    return model_output  # "sample": the model predicts x0 itself
+
+
+def check_supported_defaults(owner: str, config: Any, defaults: dict[str, Any]) -> None:
+    """Options diffusers has and minidiff does not implement must keep their default value."""
+    for option, default in defaults.items():
+        value = getattr(config, option)
+        if value != default:
+            raise ValueError(f"{owner}: {option}={value!r} is not supported by minidiff; only {default!r} is")
+
+
+def reject_integer_timestep(method: str, timestep: Any, schedule: torch.Tensor) -> None:
+    """Euler schedules hold float timesteps: an int is almost always a loop index from ``enumerate(timesteps)``."""
+    if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+        raise ValueError(
+            f"{method} got the integer timestep {timestep!r}; pass the timestep itself (a float from "
+            f"scheduler.timesteps, e.g. {float(schedule[0])}), not its index from enumerate(scheduler.timesteps)"
+        )
+
+
+def describe_schedule(schedule: torch.Tensor) -> str:
+    values = [round(float(t), 4) for t in schedule.flatten()]
+    if len(values) <= 12:
+        return str(values)
+    return f"{len(values)} timesteps from {values[0]} down to {values[-1]} ({values[:3]} ... {values[-3:]})"
+
+
+# ---- the shared scheduler machinery ---------------------------------------------------------------------------------
+class SigmaSchedulerMixin(SchedulerMixin):
+    """Noise schedule plus step-index machine for schedulers that step along ``sigmas`` by position."""
+
+    sigmas: torch.Tensor
+
+    def _init_noise_schedule(self) -> None:
+        """betas -> alphas_cumprod (float32) -> training sigmas. Before ``set_timesteps`` the schedule is the whole
+        training chain (timesteps T-1..0, sigmas decreasing to 0), so ``add_noise`` works for training."""
+        config = self.config
+        self.betas = make_betas(config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if getattr(config, "rescale_betas_zero_snr", False):
+            # Zero terminal SNR makes abar_T = 0 and sigma_T infinite; keep it finite (fp16's smallest subnormal).
+            self.alphas_cumprod[-1] = 2**-24
+        T = config.num_train_timesteps
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy())
+        self.sigmas = with_final_sigma(sigmas_from_alphas_cumprod(self.alphas_cumprod)[::-1], 0.0)
+        self._step_index = None
+        self._begin_index = None
+
+    def _reset_step_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Scale of the starting noise: sigma_max, or sqrt(sigma_max^2 + 1) for ``leading`` spacing (diffusers)."""
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return self.sigmas.max()
+        return (self.sigmas.max() ** 2 + 1) ** 0.5
+
+    # ---- position in the schedule ----------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        """Position of the current step in ``timesteps``/``sigmas``; None until the first call after set_timesteps."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Position of the first step when a pipeline starts mid-schedule (set with :meth:`set_begin_index`)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` (img2img: ``t_start * order``). Call after ``set_timesteps``."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule. A timestep listed twice resolves to its second position, so a
+        loop that starts mid-schedule on a duplicate does not skip a sigma."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        matches = (schedule == timestep).nonzero()
+        if len(matches) == 0:
+            value = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
+            raise ValueError(
+                f"timestep {value!r} is not in the schedule of {type(self).__name__}, which holds "
+                f"{describe_schedule(schedule)}; pass one of scheduler.timesteps (after set_timesteps)"
+            )
+        return int(matches[1 if len(matches) > 1 else 0].item())
+
+    def _init_step_index(self, timestep: Any) -> None:
+        if self.begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _begin_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> int:
+        """Checks shared by every ``step``; returns the step index (found on the first call)."""
+        self._check_step_args(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index >= len(self.timesteps):
+            raise RuntimeError(
+                f"{type(self).__name__} already took all {len(self.timesteps)} steps; call set_timesteps() to start again"
+            )
+        return self.step_index
+
+    # ---- model input and forward process ---------------------------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """The model was trained on DDPM-scaled inputs: feed it ``x / sqrt(sigma^2 + 1)`` (Karras et al. 2022, c_in)."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def _sigmas_for(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """sigma for each timestep, shaped (B, 1, ..., 1). Looked up by value unless a begin index is set; then it is
+        the current step (inpainting re-noises after a step) or the begin index (img2img, before the first step)."""
+        sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
+        timesteps = torch.as_tensor(timesteps, device=like.device).reshape(-1)
+        if self.begin_index is None:
+            schedule = self.timesteps.to(like.device)
+            indices = [self.index_for_timestep(t, schedule) for t in timesteps]
+        elif self.step_index is not None:
+            indices = [self.step_index] * len(timesteps)
+        else:
+            indices = [self.begin_index] * len(timesteps)
+        return broadcast_to(sigmas[indices], like)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The forward process in sigma form: ``x = x_0 + sigma * eps``."""
+        check_same_shape("noise", noise, "original_samples", original_samples)
+        return original_samples + noise * self._sigmas_for(timesteps, original_samples)
+
+    @property
+    def get_velocity(self):
+        # diffusers' LMS, Euler ancestral and DPM-Solver have no v-target; Euler defines its own.
+        raise AttributeError(f"{type(self).__name__} has no get_velocity (neither has diffusers' class)")
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
