@@ -70,7 +70,7 @@ def posterior_std(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, varia
     """Standard deviation of the noise added by a step.
 
     ``fixed_small``: the posterior variance ``(1 - abar_prev) / (1 - abar_t) beta_t`` (DDPM Eq. 7), floored at 1e-20;
-    ``fixed_large``: ``beta_t`` (DDPM Sec. 3.2: both choices give similar samples); the ``_log`` variants go through
+    ``fixed_large``: ``beta_t`` (DDPM Sec. 3.2: both choices give similar samples); ``fixed_small_log`` goes through
     log space; ``learned``: the model predicts the variance; ``learned_range``: the model's v in [-1, 1] interpolates
     ``exp(v' log beta_t + (1 - v') log posterior_variance)`` with v' = (v + 1) / 2 (Nichol & Dhariwal 2021, Eq. 15).
     """
@@ -80,11 +80,9 @@ def posterior_std(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, varia
         return variance**0.5
     if variance_type == "fixed_small_log":
         return torch.exp(0.5 * torch.log(variance))
-    if variance_type == "fixed_large":
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        # fixed_large_log is GLIDE's log-variance log(beta_t), the same std; diffusers takes sqrt(log beta_t) there (NaN).
         return beta_t**0.5
-    if variance_type == "fixed_large_log":
-        # diffusers takes sqrt(log beta_t) here, which is NaN; minidiff uses the intended exp(0.5 log beta_t).
-        return torch.exp(0.5 * torch.log(beta_t))
     if variance_type == "learned":
         return predicted_variance**0.5
     fraction = (predicted_variance + 1) / 2
