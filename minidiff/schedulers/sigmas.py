@@ -95,7 +95,7 @@ def reject_integer_timestep(method: str, timestep: Any, schedule: torch.Tensor) 
 
 
 def describe_schedule(schedule: torch.Tensor) -> str:
-    values = [round(float(t), 4) for t in schedule.flatten()]
+    values = [round(t, 4) if isinstance(t, float) else t for t in schedule.flatten().tolist()]
     if len(values) <= 12:
         return str(values)
     return f"{len(values)} timesteps from {values[0]} down to {values[-1]} ({values[:3]} ... {values[-3:]})"
