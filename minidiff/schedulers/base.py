@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from minidiff.configuration import ConfigMixin
+from minidiff.configuration import Config, ConfigMixin
 from minidiff.outputs import BaseOutput
-from minidiff.schedulers.betas import make_betas
+from minidiff.schedulers.betas import check_common_options, make_betas
 
 
 @dataclass
@@ -64,12 +64,18 @@ class SchedulerMixin(ConfigMixin):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.save_config(folder)
 
-    # ---- the forward process q(x_t | x_0) ----------------------------------------------------------------------
-    def _init_alphas(self) -> None:
-        """``betas`` from the config, ``alphas = 1 - betas`` and ``alphas_cumprod`` (alpha_bar), all float32."""
-        self.betas = make_betas(self.config)
+    # ---- the noise schedule -------------------------------------------------------------------------------------
+    def _init_alpha_bar_schedule(self, kwargs: dict[str, Any]) -> Config:
+        """Register and check the config, then set ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod``
+        (alpha_bar, float32) and the state before ``set_timesteps``: unit initial noise, no inference steps yet."""
+        config = self.register_config(kwargs)
+        check_common_options(config)
+        self.betas = make_betas(config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        return config
 
     # ---- the forward process q(x_t | x_0) ----------------------------------------------------------------------
     def _alpha_bar_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

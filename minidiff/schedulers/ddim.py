@@ -15,7 +15,6 @@ from minidiff.configuration import Config
 from minidiff.random import Generator, randn_tensor
 from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput, check_same_shape, check_timestep
 from minidiff.schedulers.betas import (
-    check_common_options,
     check_num_inference_steps,
     clip_or_threshold,
     integer_timesteps,
@@ -66,16 +65,11 @@ class DDIMScheduler(SchedulerMixin):
     """diffusers' ``DDIMScheduler``: same config keys, timesteps, quirks and numbers."""
 
     config_class = DDIMSchedulerConfig
-    order = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        config = self.register_config(kwargs)
-        check_common_options(config)
-        self._init_alphas()
+        config = self._init_alpha_bar_schedule(kwargs)
         # alpha_bar "before" t = 0, used by the last step: 1 lands on a clean x0, else the first training alpha_bar.
         self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1)  # T-1 ... 0 until set_timesteps
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

@@ -13,7 +13,6 @@ import torch
 from minidiff.configuration import Config
 from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput, check_timestep
 from minidiff.schedulers.betas import (
-    check_common_options,
     check_num_inference_steps,
     clip_or_threshold,
     integer_timesteps,
@@ -44,16 +43,11 @@ class DDIMInverseScheduler(SchedulerMixin):
     """diffusers' ``DDIMInverseScheduler``: same config keys, ascending timesteps and numbers."""
 
     config_class = DDIMInverseSchedulerConfig
-    order = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        config = self.register_config(kwargs)
-        check_common_options(config)
-        self._init_alphas()
+        config = self._init_alpha_bar_schedule(kwargs)
         # alpha_bar of the clean start (below the first timestep): 1, or the first training alpha_bar.
         self.initial_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(config.num_train_timesteps)  # 0 ... T-1 until set_timesteps
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

@@ -24,7 +24,6 @@ from minidiff.schedulers.base import (
     check_timestep,
 )
 from minidiff.schedulers.betas import (
-    check_common_options,
     check_num_inference_steps,
     clip_or_threshold,
     integer_timesteps,
@@ -94,15 +93,10 @@ class DDPMScheduler(SchedulerMixin):
     """diffusers' ``DDPMScheduler``: same config keys, timesteps, noise draws and numbers."""
 
     config_class = DDPMSchedulerConfig
-    order = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        config = self.register_config(kwargs)
-        check_common_options(config)
+        config = self._init_alpha_bar_schedule(kwargs)
         check_choice("variance_type", config.variance_type, VARIANCE_TYPES)
-        self._init_alphas()
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.custom_timesteps = False
         self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1)  # all T steps: training mode
 

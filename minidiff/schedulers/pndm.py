@@ -22,7 +22,6 @@ import torch
 from minidiff.configuration import Config
 from minidiff.schedulers.base import SchedulerMixin, SchedulerOutput, check_in_schedule, check_timestep
 from minidiff.schedulers.betas import (
-    check_common_options,
     check_num_inference_steps,
     integer_timesteps,
     predicted_x0_and_eps,
@@ -75,17 +74,12 @@ class PNDMScheduler(SchedulerMixin):
     """diffusers' ``PNDMScheduler``: same config keys, timesteps (PRK then PLMS), state machine and numbers."""
 
     config_class = PNDMSchedulerConfig
-    order = 1
     pndm_order = 4  # Runge-Kutta stages per PRK step, and the length of the PLMS history
 
     def __init__(self, **kwargs: Any) -> None:
-        config = self.register_config(kwargs)
-        check_common_options(config)
-        self._init_alphas()
+        config = self._init_alpha_bar_schedule(kwargs)
         # alpha_bar "before" t = 0, used by a step that lands below 0 (1: clean x0).
         self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.prk_timesteps: np.ndarray | None = None
         self.plms_timesteps: np.ndarray | None = None
         self.timesteps = None
