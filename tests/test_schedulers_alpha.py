@@ -9,6 +9,7 @@ import torch
 
 from minidiff.schedulers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, PNDMScheduler, SchedulerOutput
 from minidiff.schedulers.ddim import ddim_update
+from minidiff.schedulers.pndm import pndm_transfer
 
 ALL = (DDPMScheduler, DDIMScheduler, DDIMInverseScheduler, PNDMScheduler)
 SHAPE = (2, 3, 4, 4)
@@ -132,6 +133,15 @@ def test_ddim_steps_by_t_minus_T_over_N_whatever_the_spacing():
     alpha_bar_t = scheduler.alphas_cumprod[500]
     eps = (x - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5
     assert torch.allclose(out.prev_sample, ddim_update(x0, eps, scheduler.alphas_cumprod[167]), atol=1e-6)
+
+
+def test_pndm_transfer_is_the_deterministic_ddim_step():
+    alpha_bar = DDIMScheduler().alphas_cumprod
+    x, eps = randn(0), randn(1)
+    for t, t_prev in [(999, 899), (500, 20), (40, 0)]:
+        x0 = (x - (1 - alpha_bar[t]) ** 0.5 * eps) / alpha_bar[t] ** 0.5
+        expected = ddim_update(x0, eps, alpha_bar[t_prev])
+        assert torch.allclose(pndm_transfer(x, eps, alpha_bar[t], alpha_bar[t_prev]), expected, atol=1e-5)
 
 
 def test_ddim_inversion_then_sampling_returns_to_the_start():

@@ -141,7 +141,8 @@ class DDPMScheduler(SchedulerMixin):
         if model_output.shape[1] != 2 * channels:
             raise ValueError(
                 f"variance_type={self.config.variance_type!r} needs a model output with 2 x {channels} channels "
-                f"(prediction and variance), got shape {tuple(model_output.shape)} for a sample of shape {tuple(sample.shape)}"
+                f"(prediction and variance), got shape {tuple(model_output.shape)} "
+                f"for a sample of shape {tuple(sample.shape)}"
             )
         prediction, predicted_variance = torch.split(model_output, channels, dim=1)
         check_same_shape("model_output (prediction half)", prediction, "sample", sample)

@@ -46,10 +46,13 @@ class PNDMSchedulerConfig(Config):
 
 def pndm_transfer(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor):
     """The transfer phi(x_t, eps, t, t - delta) (PNDM Eq. 9):
-    ``sqrt(abar_prev / abar_t) x_t - (abar_prev - abar_t) eps / (abar_t sqrt(1 - abar_prev) + sqrt(abar_t (1 - abar_t) abar_prev))``.
+    ``sqrt(abar_prev / abar_t) x_t - (abar_prev - abar_t) eps / d`` with
+    ``d = abar_t sqrt(1 - abar_prev) + sqrt(abar_t (1 - abar_t) abar_prev)``; algebraically DDIM's eta = 0 step.
     """
     sample_coeff = (alpha_bar_prev / alpha_bar_t) ** 0.5
-    eps_denominator = alpha_bar_t * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar_t * (1 - alpha_bar_t) * alpha_bar_prev) ** 0.5
+    eps_denominator = (
+        alpha_bar_t * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar_t * (1 - alpha_bar_t) * alpha_bar_prev) ** 0.5
+    )
     return sample_coeff * x_t - (alpha_bar_prev - alpha_bar_t) * eps / eps_denominator
 
 
@@ -109,9 +112,9 @@ class PNDMScheduler(SchedulerMixin):
         else:
             half = config.num_train_timesteps // steps // 2
             # per step t -> t_next of the first three: stages at t, t_next + half (twice), t_next
+            pairs = zip(descending[:3], descending[1:4])
             self.prk_timesteps = np.array(
-                [s for t, t_next in zip(descending[:3], descending[1:4]) for s in (t, t_next + half, t_next + half, t_next)],
-                dtype=np.int64,
+                [s for t, t_next in pairs for s in (t, t_next + half, t_next + half, t_next)], dtype=np.int64
             )
             self.plms_timesteps = descending[3:].copy()
         self.timesteps = torch.from_numpy(np.concatenate([self.prk_timesteps, self.plms_timesteps])).to(device)
@@ -136,8 +139,8 @@ class PNDMScheduler(SchedulerMixin):
         return pndm_transfer(sample, eps, alpha_bar_t, alpha_bar_prev)
 
     def step_prk(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, return_dict: bool = True):
-        """Stage ``counter % 4`` of a Runge-Kutta step from t to t - delta: stages 1-3 return the intermediate points
-        phi(x_t, e_k, t, .) at which the next stage's model call happens; stage 4 returns the step's result."""
+        """Stage ``counter % 4`` of a Runge-Kutta step from t to t - delta: stages 0-2 return the intermediate points
+        phi(x_t, e_k, t, .) where the next model call happens; stage 3 returns phi(x_t, eps', t, t - delta)."""
         stage = self.counter % 4
         t_start = int(self.prk_timesteps[self.counter - stage])
         # Target as diffusers computes it: half a step below the given timestep at even stages, at it at odd ones.
