@@ -1,0 +1,150 @@
+"""Pipelines on their own: argument checks, output types, folder I/O, memory options, inversion round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import minidiff
+from minidiff.pipelines.images import postprocess, preprocess_image, preprocess_mask
+from tests.tiny_components import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(minidiff.StableDiffusionPipeline)
+
+
+def run(pipe, **kwargs):
+    args = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    args.update(kwargs)
+    return pipe(**args)
+
+
+def test_outputs_in_every_type(pipe):
+    assert run(pipe).images.shape == (1, 32, 32, 3)
+    images = run(pipe, output_type="pil").images
+    assert isinstance(images[0], PIL.Image.Image) and images[0].size == (32, 32)
+    assert run(pipe, output_type="pt").images.shape == (1, 3, 32, 32)
+    assert run(pipe, output_type="latent").images.shape == (1, 4, 16, 16)
+    images, nsfw = run(pipe, return_dict=False)
+    assert nsfw is None and images.shape == (1, 32, 32, 3)
+
+
+def test_same_seed_same_image_and_different_seed_differs(pipe):
+    a, b = run(pipe).images, run(pipe).images
+    c = run(pipe, generator=torch.Generator().manual_seed(1)).images
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_callback_sees_every_step_and_can_replace_latents(pipe):
+    seen = []
+
+    def callback(pipeline, i, t, tensors):
+        seen.append((i, int(t)))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    run(pipe, callback_on_step_end=callback, num_inference_steps=3)
+    assert [i for i, _ in seen] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(height=30), ValueError, "multiples of 8"),
+    (dict(output_type="jpeg"), ValueError, "output_type='jpeg'.*accepted values"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), ValueError, "negative_prompt has 1 entries but prompt has 2"),
+    (dict(prompt=None), ValueError, "pass a prompt"),
+    (dict(prompt=3), TypeError, "prompt must be a str"),
+    (dict(latents=torch.zeros(1, 4, 8, 8)), ValueError, r"latents have shape \(1, 4, 8, 8\); expected \(1, 4, 16, 16\)"),
+    (dict(generator=[torch.Generator()] * 3), ValueError, "3 generators for 1 images"),
+])
+def test_bad_arguments_are_named(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(pipe, **kwargs)
+
+
+def test_long_prompt_warns_with_the_cut_text(pipe):
+    prompt = "red " * 80 + "tail end"
+    with pytest.warns(UserWarning, match="tail end"):
+        run(pipe, prompt=prompt)
+
+
+def test_img2img_and_inpaint_bad_input():
+    img2img = tiny_pipeline(minidiff.StableDiffusionImg2ImgPipeline)
+    image = PIL.Image.new("RGB", (32, 32), "red")
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\], got 1.5"):
+        img2img("x", image=image, strength=1.5)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        img2img("x", image=image, strength=0.1, num_inference_steps=2)
+    inpaint = tiny_pipeline(minidiff.StableDiffusionInpaintPipeline)
+    with pytest.raises(ValueError, match=r"image is \(32, 32\) \(h, w\) but mask_image is \(16, 16\)"):
+        inpaint("x", image=image, mask_image=PIL.Image.new("L", (16, 16)), height=32, width=32)
+
+
+def test_img2img_strength_zero_like_keeps_structure():
+    img2img = tiny_pipeline(minidiff.StableDiffusionImg2ImgPipeline)
+    image = PIL.Image.new("RGB", (32, 32), "red")
+    out = img2img("x", image=image, strength=0.5, num_inference_steps=4, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3)
+
+
+def test_save_and_load_folder_round_trip(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path)
+    again = minidiff.StableDiffusionPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(run(pipe).images, run(again).images)
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json does not exist"):
+        minidiff.StableDiffusionPipeline.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"unet": ["diffusers", "UNet3DConditionModel"]}')
+    with pytest.raises(ValueError, match="UNet3DConditionModel for 'unet'"):
+        minidiff.StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_attention_slicing_and_vae_slicing_keep_the_image(pipe):
+    reference = run(pipe).images
+    pipe.enable_attention_slicing(7)
+    pipe.enable_vae_slicing()
+    try:
+        sliced = run(pipe).images
+    finally:
+        pipe.disable_attention_slicing()
+        pipe.vae.disable_slicing()
+    np.testing.assert_allclose(sliced, reference, atol=1e-5)
+
+
+def test_swapping_schedulers_runs(pipe):
+    original = pipe.scheduler
+    try:
+        for name in ("LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):
+            pipe.scheduler = getattr(minidiff, name).from_config(original.config)
+            assert np.isfinite(run(pipe).images).all()
+    finally:
+        pipe.scheduler = original
+
+
+def test_inversion_reconstructs_latents():
+    """With guidance 1 and many steps, DDIM inversion followed by DDIM sampling returns close to the start."""
+    inversion = tiny_pipeline(minidiff.StableDiffusionDDIMInversionPipeline)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    inverted = inversion.invert(latents=latents, prompt="a red circle", num_inference_steps=50)
+    back = inversion.sample(inverted, "a red circle", start_step=0, output_type="latent").images
+    error = (back - latents).abs().max() / latents.abs().max()
+    assert error < 0.05, f"relative reconstruction error {error:.3f}"
+    with pytest.raises(ValueError, match=r"start_step must be in \[0, 49\]"):
+        inversion.sample(inverted, "x", start_step=50)
+
+
+def test_image_helpers():
+    image = PIL.Image.new("RGB", (37, 21), (255, 0, 0))
+    tensor = preprocess_image(image)
+    assert tensor.shape == (1, 3, 16, 32) and tensor[0, 0].min() > 0.99 and tensor[0, 1].max() < -0.99
+    mask = preprocess_mask(PIL.Image.new("L", (32, 32), 200), 32, 32)
+    assert mask.unique().tolist() == [1.0]
+    assert postprocess(torch.ones(1, 3, 4, 4), "np").max() == 1.0

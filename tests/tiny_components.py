@@ -1,0 +1,34 @@
+"""Tiny seeded minidiff components for tests that need a whole pipeline (no diffusers involved)."""
+
+from __future__ import annotations
+
+import torch
+
+import minidiff
+
+
+def tiny_components(in_channels: int = 4, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    unet = minidiff.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    )
+    vae = minidiff.AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+    )
+    text_encoder = minidiff.CLIPTextModel(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )
+    scheduler = minidiff.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=minidiff.CLIPTokenizer(),
+                unet=unet.eval(), scheduler=scheduler)
+
+
+def tiny_pipeline(pipeline_class, **kwargs):
+    pipe = pipeline_class(**tiny_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
