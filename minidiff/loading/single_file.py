@@ -27,6 +27,7 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+COMPONENT_OF_CLASS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
 SKIPPED = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*|logvar|model_ema\..*"
     r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale|attn_mask))$"

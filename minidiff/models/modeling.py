@@ -118,6 +118,18 @@ class ModelMixin(nn.Module, ConfigMixin):
             model.to(dtype)
         return model.eval()
 
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
+                         torch_dtype: Any = None, **kwargs: Any) -> "ModelMixin":
+        """This model out of an original (LDM layout) Stable Diffusion checkpoint file; ``config`` is an optional
+        local diffusers pipeline folder whose configs to use (see minidiff.loading.single_file)."""
+        from minidiff.loading.single_file import COMPONENT_OF_CLASS, load_single_file
+
+        if cls.__name__ not in COMPONENT_OF_CLASS:
+            raise TypeError(f"{cls.__name__} has no single-file layout; supported: {sorted(COMPONENT_OF_CLASS)}")
+        component = COMPONENT_OF_CLASS[cls.__name__]
+        return load_single_file(path, config=config, torch_dtype=torch_dtype, components=(component,), **kwargs)[component]
+
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> None:
         """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads."""
         os.makedirs(save_directory, exist_ok=True)
