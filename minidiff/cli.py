@@ -67,6 +67,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if name == "edit":
             sub.add_argument("--source-prompt", required=True, help="a description of the input image")
             sub.add_argument("--start-step", type=int, default=10)
+    from minidiff.training.config import add_arguments
+
+    add_arguments(commands.add_parser("train", help="train or fine-tune a diffusion model"))
     return parser.parse_args(argv)
 
 
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     from minidiff import pipelines, schedulers
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "train":
+        from minidiff.training import main as train_main
+
+        return train_main(args)
     if args.seed < 0:
         raise SystemExit(f"minidiff: --seed must be a non-negative integer, got {args.seed}")
     pipeline_class = {

@@ -1,0 +1,29 @@
+"""Training and fine-tuning: pixel-space UNet2DModel (unconditional or class-conditional, new or pretrained) and
+text-conditioned Stable Diffusion UNets in latent space. ``minidiff train --help`` lists the options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from minidiff.training.config import TrainConfig, add_arguments, config_from_args
+from minidiff.training.data import ImageFolderDataset, SyntheticShapes
+from minidiff.training.ema import EMAModel
+from minidiff.training.loop import Trainer, lr_factor, make_optimizer, train, training_step
+
+__all__ = ["TrainConfig", "Trainer", "train", "training_step", "lr_factor", "make_optimizer", "EMAModel",
+           "ImageFolderDataset", "SyntheticShapes", "add_arguments", "config_from_args", "main"]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``minidiff train``: bad options, data or folders end with a one-line error and exit status 2."""
+    try:
+        config = config_from_args(args)
+        losses = train(config)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"minidiff: error: {error}", file=sys.stderr)
+        return 2
+    if losses and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {config.output_dir}")
+    return 0

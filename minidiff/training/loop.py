@@ -1,0 +1,223 @@
+"""The training loop: ``train(config)`` runs ``training_step`` over seeded batches with AdamW, warm-up and a
+learning-rate schedule, gradient accumulation and clipping, EMA weights, bf16 autocast, checkpoints and resume,
+on one process or data-parallel under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minidiff.training import checkpoint, plots
+from minidiff.training.config import TrainConfig
+from minidiff.training.data import global_batch_indices, load_batch, micro_batch_positions, sample_generators
+from minidiff.training.distributed import Distributed, init_distributed, shutdown_distributed
+from minidiff.training.ema import EMAModel
+from minidiff.training.tasks import build_task
+
+# what a run writes into output_dir (what --overwrite deletes); anything else there is left alone
+RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "loss.png", "samples.png", "model_index.json", "unet", "scheduler",
+               "vae", "text_encoder", "tokenizer")
+
+
+def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
+                  conditioning: dict | None = None, loss_scale: float = 1.0, autocast_dtype=None) -> torch.Tensor:
+    """One gradient computation of DDPM training (Ho et al. 2020, Algorithm 1) on clean samples ``x0`` (B, C, H, W).
+
+    Per sample (each from its own generator): ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)``; then
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (``scheduler.add_noise``, DDPM Eq. 4) and the model predicts
+    ``eps`` - the "simple" loss ``|| eps - eps_theta(x_t, t) ||^2`` (DDPM Eq. 14) - or the velocity
+    ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (``scheduler.get_velocity``; Salimans & Ho 2022, Sec. 4).
+    The mean squared error times ``loss_scale`` (1 / accumulation steps) is back-propagated; returns the loss.
+    """
+    timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in generators]).to(x0.device)  # (B,)
+    noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(x0)  # (B, C, H, W)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        prediction = model(noisy, timesteps, **(conditioning or {})).sample
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+    loss = F.mse_loss(prediction.float(), target.float())
+    (loss * loss_scale).backward()
+    return loss.detach()
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant, linear decay or half-cosine decay to 0 at
+    ``total_steps`` (diffusers' ``get_scheduler`` formulas, SGDR's cosine: Loshchilov & Hutter 2017)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(parameters, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019): Adam with weight decay decoupled from the gradient."""
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+class Trainer:
+    """One run: the task (models, data), optimizer, EMA and bookkeeping; ``run()`` trains to ``max_train_steps``."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed):
+        self.config, self.dist = config.check(), dist
+        self.resume_from = self._check_output_dir()
+        self.task, self.dataset = build_task(config, dist.device)
+        self.global_batch = config.train_batch_size * config.gradient_accumulation_steps * dist.world_size
+        global_batch_indices(len(self.dataset), self.global_batch, 0, config.seed)  # fails early if too large
+        self.unet = self.task.unet
+        self.model = dist.wrap(self.unet)
+        self.optimizer = make_optimizer(self.unet.parameters(), config)
+        self.ema = EMAModel(self.unet, config.ema_max_decay, config.ema_power) if config.use_ema else None
+        self.step, self.losses = 0, []
+        if self.resume_from:
+            self._resume(self.resume_from)
+        self.dist.barrier()  # every process has read the output folder before rank 0 changes it
+        if dist.is_main:
+            self._start_output_dir()
+
+    # ---- the output folder ------------------------------------------------------------------------------------
+    def _check_output_dir(self) -> str | None:
+        """The checkpoint to resume from (or None); refuses to mix runs. Reads only."""
+        config, folder = self.config, self.config.output_dir
+        if os.path.isfile(folder):
+            raise ValueError(f"output_dir {folder} is a file")
+        if config.resume:
+            return checkpoint.find_checkpoint(config.resume, folder)
+        entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if entries and not config.overwrite:
+            raise ValueError(f"output_dir {folder} is not empty (it holds {', '.join(entries[:5])}); pass --resume to "
+                             "continue the run in it or --overwrite to start over")
+        return None
+
+    def _start_output_dir(self) -> None:
+        folder = self.config.output_dir
+        os.makedirs(folder, exist_ok=True)
+        if self.config.overwrite:
+            for name in RUN_OUTPUTS:
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+        with open(os.path.join(folder, "train_log.jsonl"), "w", encoding="utf-8") as log:
+            for step, loss in enumerate(self.losses, 1):
+                log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+    def _resume(self, path: str) -> None:
+        state = checkpoint.load_training_state(path, self.optimizer)
+        changed = {k: (v, state["config"].get(k)) for k, v in self.config.trajectory_options.items()
+                   if state["config"].get(k) != v}
+        if changed or state["global_batch_size"] != self.global_batch:
+            details = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (new, old) in changed.items())
+            if state["global_batch_size"] != self.global_batch:
+                details += f" global batch {self.global_batch} (checkpoint: {state['global_batch_size']})"
+            raise ValueError(f"cannot resume from {path} with different training options: {details.strip(', ')}")
+        checkpoint.load_model_weights(self.unet, os.path.join(path, "unet"))
+        if self.ema is not None:
+            checkpoint.load_model_weights(self.ema.model, os.path.join(path, "unet_ema"))
+            self.ema.num_updates = state["ema_updates"]
+        self.step, self.losses = state["step"], state["losses"]
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def optimizer_step(self) -> float:
+        """One update on the global batch of ``self.step``: accumulate micro-batch gradients, clip, AdamW, EMA."""
+        config, dist, scheduler = self.config, self.dist, self.task.scheduler
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate * lr_factor(self.step, config.lr_warmup_steps, config.max_train_steps,
+                                                           config.lr_scheduler)
+        indices = global_batch_indices(len(self.dataset), self.global_batch, self.step, config.seed)
+        autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
+        total = torch.zeros(())
+        for micro in range(config.gradient_accumulation_steps):
+            positions = micro_batch_positions(config.train_batch_size, config.gradient_accumulation_steps, dist.rank,
+                                              micro)
+            generators = sample_generators(config.seed, self.step, positions)
+            batch = load_batch(self.dataset, [indices[p] for p in positions], generators, config.random_flip)
+            x0, conditioning = self.task.encode(batch, generators)
+            with dist.no_sync(self.model, skip=micro < config.gradient_accumulation_steps - 1):
+                total += training_step(self.model, scheduler, x0, generators, scheduler.config.prediction_type,
+                                       conditioning, 1 / config.gradient_accumulation_steps, autocast).cpu()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        return dist.mean(total / config.gradient_accumulation_steps)
+
+    def run(self) -> list[float]:
+        """Train from ``self.step`` to ``max_train_steps``; checkpoint every ``checkpointing_steps`` and at the end."""
+        config = self.config
+        show = config.progress and self.dist.is_main
+        bar = tqdm(total=config.max_train_steps, initial=self.step, unit="step", disable=not show, dynamic_ncols=True)
+        log_path = os.path.join(config.output_dir, "train_log.jsonl")
+        log = open(log_path, "a", encoding="utf-8") if self.dist.is_main else None
+        with bar, log or contextlib.nullcontext():
+            while self.step < config.max_train_steps:
+                loss = self.optimizer_step()
+                self.step += 1
+                self.losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                bar.update()
+                if log:
+                    log.write(json.dumps({"step": self.step, "loss": loss}) + "\n")
+                    log.flush()
+                if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
+                    self.save_checkpoint()
+        if self.dist.is_main:
+            self.task.save(config.output_dir, self.sampling_unet)
+        self.dist.barrier()
+        return self.losses
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    @property
+    def sampling_unet(self):
+        return self.ema.model if self.ema is not None else self.unet
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 writes the checkpoint (with its loss curve and sample grid); the others wait."""
+        path = None
+        if self.dist.is_main:
+            path = checkpoint.save_checkpoint(self.config.output_dir, self.step, self._write_models, self.optimizer,
+                                              self._state(), keep=self.config.checkpoints_total_limit)
+            for name in ("loss.png", "samples.png"):
+                if os.path.isfile(os.path.join(path, name)):
+                    shutil.copyfile(os.path.join(path, name), os.path.join(self.config.output_dir, name))
+        self.dist.barrier()
+        return path
+
+    def _write_models(self, folder: str) -> None:
+        self.task.save(folder, self.unet, complete=False)
+        if self.ema is not None:
+            self.ema.model.save_pretrained(os.path.join(folder, "unet_ema"))
+        plots.save_png(plots.loss_curve(self.losses), os.path.join(folder, "loss.png"))
+        if self.config.num_sample_images:
+            unet = self.sampling_unet.eval()
+            images = self.task.sample(unet, self.config.num_sample_images, self.config.sample_steps, self.config.seed)
+            self.unet.train()
+            plots.save_png(plots.image_grid(images), os.path.join(folder, "samples.png"))
+
+    def _state(self) -> dict:
+        return {"losses": self.losses, "ema_updates": self.ema.num_updates if self.ema else 0,
+                "global_batch_size": self.global_batch, "config": self.config.trajectory_options,
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def train(config: TrainConfig) -> list[float]:
+    """Train as ``config`` says (alone, or as one process of a torchrun job); returns the per-step losses."""
+    dist = init_distributed()
+    try:
+        return Trainer(config, dist).run()
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,206 @@
+"""What is being trained: the models, the dataset, how a batch becomes (x0, conditioning), and how to draw samples.
+
+- ``PixelDiffusion``: x0 is the image itself (DDPM, Ho et al. 2020; the butterflies tutorial), unconditional or
+  class-conditional; a new UNet2DModel or a pretrained one (the face-to-butterfly fine-tuning recipe).
+- ``LatentTextDiffusion``: Stable Diffusion fine-tuning (Rombach et al. 2022): x0 are VAE latents of the image, the
+  UNet2DConditionModel sees CLIP embeddings of the caption; the VAE and the text encoder stay frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+import minidiff
+from minidiff.pipelines.images import postprocess
+from minidiff.random import randn_tensor
+from minidiff.training.config import NOISE_SCHEDULERS, TrainConfig
+from minidiff.training.data import ImageFolderDataset, SyntheticShapes
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    return (postprocess(images, "np") * 255).round().astype(np.uint8)
+
+
+class PixelDiffusion:
+    def __init__(self, unet, scheduler, resolution: int, num_classes: int | None):
+        self.unet, self.scheduler, self.resolution, self.num_classes = unet, scheduler, resolution, num_classes
+        self.channels = unet.config.in_channels
+
+    def encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
+        x0 = batch["pixel_values"].to(self.unet.device)  # (B, C, H, W) in [-1, 1]
+        if self.num_classes is None:
+            return x0, {}
+        return x0, {"class_labels": batch["class_labels"].to(self.unet.device)}
+
+    @torch.no_grad()
+    def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
+        """``count`` images by DDIM (eta 0, Song et al. 2021) in ``steps`` steps; classes 0, 1, 2, ... in turn."""
+        sampler = minidiff.DDIMScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        shape = (count, self.channels, self.resolution, self.resolution)
+        x = randn_tensor(shape, generator=torch.Generator().manual_seed(seed), device=unet.device)
+        labels = None if self.num_classes is None else (torch.arange(count) % self.num_classes).to(unet.device)
+        for t in sampler.timesteps:
+            x = sampler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+        return to_uint8(x)
+
+    def save(self, folder: str, unet, complete: bool = True) -> None:
+        """A diffusers DDPMPipeline folder: model_index.json, unet/, scheduler/."""
+        minidiff.DDPMPipeline(unet=unet, scheduler=self.scheduler).save_pretrained(folder)
+
+
+class LatentTextDiffusion:
+    def __init__(self, pipe, resolution: int, caption_dropout: float, prompts: list[str]):
+        self.pipe, self.resolution, self.caption_dropout, self.prompts = pipe, resolution, caption_dropout, prompts
+        self.unet, self.scheduler, self.vae, self.channels = pipe.unet, pipe.scheduler, pipe.vae, 3
+        pipe.vae.requires_grad_(False).eval()
+        pipe.text_encoder.requires_grad_(False).eval()
+        pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
+        """Captions dropped to "" with probability ``caption_dropout`` (one uniform draw per sample), CLIP-encoded;
+        images VAE-encoded and a latent drawn from q(z|x), times ``scaling_factor``."""
+        captions = [c if torch.rand(1, generator=g).item() >= self.caption_dropout else ""
+                    for c, g in zip(batch["captions"], generators)]
+        device = self.unet.device
+        ids = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")["input_ids"].to(device)
+        text = self.pipe.text_encoder(ids)[0]  # (B, 77, D)
+        latents = self.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generators)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor, {"encoder_hidden_states": text}
+
+    @torch.no_grad()
+    def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
+        """Text-to-image with the pipeline (DDIM, guidance 7.5) for the first ``count`` captions of the data."""
+        pipe = minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet))
+        pipe.scheduler = minidiff.DDIMScheduler.from_config(self.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(count)]
+        images = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").images
+        return (np.asarray(images) * 255).round().astype(np.uint8)
+
+    def save(self, folder: str, unet, complete: bool = True) -> None:
+        """The whole Stable Diffusion folder, or (checkpoints) just what training changes: unet/ and scheduler/."""
+        if complete:
+            minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet)).save_pretrained(folder)
+        else:
+            unet.save_pretrained(os.path.join(folder, "unet"))
+            self.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+
+
+# ---- building a task from a TrainConfig ---------------------------------------------------------------------------
+def noise_scheduler(config: TrainConfig, pretrained_config=None):
+    """The scheduler whose ``add_noise`` makes x_t: the pretrained schedule unless options override it."""
+    options = {"beta_schedule": config.beta_schedule, "num_train_timesteps": config.num_train_timesteps,
+               "prediction_type": config.prediction_type}
+    defaults = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    base = dict(pretrained_config) if pretrained_config is not None else defaults
+    overrides = {k: v for k, v in options.items() if v is not None}
+    return getattr(minidiff, NOISE_SCHEDULERS[config.noise_scheduler]).from_config(base, **overrides)
+
+
+def new_unet(config: TrainConfig, resolution: int, channels: int, num_classes: int | None):
+    """A UNet2DModel in the tutorials' shape: DownBlock2D levels, attention on the deepest ``attention_levels``."""
+    channels_per_level = tuple(config.block_out_channels)
+    levels = len(channels_per_level)
+    attention = [level >= levels - config.attention_levels for level in range(levels)]
+    torch.manual_seed(config.seed)
+    return minidiff.UNet2DModel(
+        sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=config.layers_per_block,
+        block_out_channels=channels_per_level, norm_num_groups=math.gcd(32, *channels_per_level),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        num_class_embeds=num_classes,
+    )
+
+
+def load_pretrained(folder: str):
+    """A diffusers folder: a pipeline (model_index.json; Stable Diffusion if it names a text_encoder) or a UNet."""
+    index_path = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        if (index.get("text_encoder") or [None, None])[1] is not None:
+            return minidiff.StableDiffusionPipeline.from_pretrained(folder)
+        return minidiff.DDPMPipeline.from_pretrained(folder)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return minidiff.UNet2DModel.from_pretrained(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"pretrained_model {folder} does not exist")
+    raise FileNotFoundError(f"pretrained_model {folder} holds neither model_index.json (a pipeline folder) nor "
+                            "config.json (a UNet2DModel folder)")
+
+
+def make_dataset(config: TrainConfig, resolution: int, channels: int, with_captions: bool = False):
+    if config.train_data_dir is None:
+        return SyntheticShapes(config.synthetic_images, resolution, channels, seed=config.seed)
+    return ImageFolderDataset(config.train_data_dir, resolution, channels, with_labels=config.class_conditional,
+                              with_captions=with_captions)
+
+
+def dataset_classes(dataset) -> int:
+    return len(dataset.classes) if isinstance(dataset, ImageFolderDataset) else dataset.num_classes
+
+
+def build_task(config: TrainConfig, device: torch.device):
+    """(task, dataset) for ``config``; the UNet is on ``device`` in train mode."""
+    pretrained = load_pretrained(config.pretrained_model) if config.pretrained_model else None
+    if isinstance(pretrained, minidiff.StableDiffusionPipeline):
+        return _latent_text_task(config, pretrained, device)
+    unet = getattr(pretrained, "unet", pretrained)
+    scheduler_config = getattr(pretrained, "scheduler", None)
+    resolution = config.resolution or (unet.config.sample_size if unet is not None else 32)
+    channels = unet.config.in_channels if unet is not None else 3
+    if unet is not None:
+        _check_pretrained_unet(config, unet, resolution)
+    dataset = make_dataset(config, resolution, channels)
+    num_classes = dataset_classes(dataset) if config.class_conditional else None
+    if unet is None:
+        levels = len(config.block_out_channels)
+        if resolution % 2 ** (levels - 1):
+            raise ValueError(f"resolution {resolution} must be a multiple of {2 ** (levels - 1)} for a UNet with "
+                             f"{levels} levels")
+        unet = new_unet(config, resolution, channels, num_classes)
+    elif num_classes is not None and num_classes > unet.config.num_class_embeds:
+        raise ValueError(f"the data has {num_classes} classes but the pretrained UNet embeds only "
+                         f"{unet.config.num_class_embeds} (num_class_embeds)")
+    scheduler = noise_scheduler(config, scheduler_config and scheduler_config.config)
+    return PixelDiffusion(unet.to(device).train(), scheduler, resolution, num_classes), dataset
+
+
+def _check_pretrained_unet(config: TrainConfig, unet, resolution: int) -> None:
+    if unet.config.sample_size != resolution:
+        raise ValueError(f"resolution {resolution} differs from the pretrained UNet's sample_size "
+                         f"{unet.config.sample_size}; leave --resolution out to train at the model's size")
+    if unet.config.in_channels not in (1, 3):
+        raise ValueError(f"the pretrained UNet takes {unet.config.in_channels} channels; pixel-space training "
+                         "handles 1 (grayscale) or 3 (RGB)")
+    conditional = unet.config.num_class_embeds is not None
+    if conditional != config.class_conditional:
+        raise ValueError(f"the pretrained UNet is {'' if conditional else 'not '}class-conditional (num_class_embeds="
+                         f"{unet.config.num_class_embeds}); set class_conditional={conditional}")
+
+
+def _latent_text_task(config: TrainConfig, pipe, device: torch.device):
+    if config.class_conditional:
+        raise ValueError("class_conditional applies to pixel-space UNet2DModel training; a Stable Diffusion "
+                         "pipeline is conditioned on captions")
+    factor = pipe.vae_scale_factor
+    resolution = config.resolution or pipe.unet.config.sample_size * factor
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
+    dataset = make_dataset(config, resolution, 3, with_captions=True)
+    prompts = [dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
+    pipe.scheduler = noise_scheduler(config, pipe.scheduler.config)
+    pipe.to(device)
+    pipe.unet.train()
+    return LatentTextDiffusion(pipe, resolution, config.caption_dropout, prompts), dataset
