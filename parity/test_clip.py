@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minidiff.models.clip import CLIPTextModel
+from parity.pipeline_fixtures import randomize_
 from parity.report import compare
 
 COMPONENT = "CLIPTextModel"
@@ -27,18 +28,10 @@ SD2_LIKE = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hi
                 hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0, projection_dim=64)
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Perturb every parameter (LayerNorm scales/shifts and biases start at 1/0), so each one is exercised."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-
-
 def reference_model(config: dict, seed: int = 0) -> transformers.CLIPTextModel:
     torch.manual_seed(seed)
     model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
-    randomize_(model, seed)
+    randomize_(model, seed, scale=0.1)
     return model.eval()
 
 
@@ -131,7 +124,7 @@ def test_gradients(tmp_path):
 def test_minidiff_saved_folder_loads_in_transformers(tmp_path):
     torch.manual_seed(7)
     ours = CLIPTextModel(**SD2_LIKE)
-    randomize_(ours, 7)
+    randomize_(ours, 7, scale=0.1)
     ours.eval().save_pretrained(tmp_path)
     reference, info = transformers.CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), f"transformers reported loading problems: {info}"
