@@ -1,0 +1,428 @@
+"""CLIPTokenizer: text -> CLIP token ids, the same ids as transformers 5's ``CLIPTokenizer``.
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")   # or CLIPTokenizer() (shipped vocab)
+    tokenizer(["a photo of a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    -> {"input_ids": (1, 77) long tensor, "attention_mask": (1, 77)}
+
+Byte-level BPE with ``</w>`` word ends (Sennrich et al. 2016; Radford et al. 2019, 2021), see :mod:`.bpe`. A
+sequence is ``<|startoftext|> ... <|endoftext|>`` (ids 49406, 49407), truncated to ``max_length`` (77: 75 tokens plus
+the two) and padded on the right with ``pad_token``: ``<|endoftext|>`` for SD 1.x, ``"!"`` (id 0) for SD 2.x.
+
+Special-token strings typed in a prompt become their ids before any normalization; ones flagged ``normalized``
+(SD folders mark bos/eos so) are also found after normalization, e.g. in uppercase. With pad ``"!"`` every ``!`` of a
+prompt therefore becomes id 0, as in transformers (diffusers #4153).
+
+The shipped vocabulary ``bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's merge list (MIT; see VOCAB_LICENSE.txt).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import numbers
+import os
+import re
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from minidiff.configuration import check_choice
+from minidiff.text.bpe import END_OF_WORD, BytePairEncoder, byte_decode, bytes_to_unicode, normalize, pre_tokenize
+
+SHIPPED_MERGES_FILE = os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")
+NUM_MERGES = 49408 - 2 * 256 - 2  # vocab 49408 = 256 byte chars + 256 with </w> + merges + 2 specials
+MODEL_MAX_LENGTH = 77  # CLIP's position table
+UNSET_MAX_LENGTH = 10**20  # transformers saves ~1e30 for "no limit"; such folders get CLIP's 77
+TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                  "pad_token": "<|endoftext|>"}
+PADDING_CHOICES = (False, True, "longest", "max_length", "do_not_pad")
+TRUNCATION_CHOICES = (None, False, True, "longest_first", "only_first", "do_not_truncate")
+RETURN_TENSORS_CHOICES = (None, "pt", "np")
+
+
+class SpecialToken(NamedTuple):
+    """A special token's string and whether it is also found in normalized text ("<|ENDOFTEXT|>" then counts too)."""
+
+    content: str
+    normalized: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """transformers' AddedToken fields."""
+        flags = {"lstrip": False, "normalized": self.normalized, "rstrip": False, "single_word": False}
+        return {"content": self.content, **flags}
+
+
+class BatchEncoding(dict):
+    """What a tokenizer call returns: ``input_ids`` and ``attention_mask`` as keys or attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer with transformers' call API (see the module docstring).
+
+    ``vocab`` maps token -> id and ``merges`` lists ranked pairs ("a b" or ("a", "b")); both default to the shipped
+    CLIP vocabulary. Special tokens are strings or ``{"content": ..., "normalized": ...}`` and must be in ``vocab``.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int] | None = None,
+        merges: list[str] | list[tuple[str, str]] | None = None,
+        bos_token: str | dict = DEFAULT_TOKENS["bos_token"],
+        eos_token: str | dict = DEFAULT_TOKENS["eos_token"],
+        unk_token: str | dict = DEFAULT_TOKENS["unk_token"],
+        pad_token: str | dict = DEFAULT_TOKENS["pad_token"],
+        model_max_length: int = MODEL_MAX_LENGTH,
+    ) -> None:
+        if (vocab is None) != (merges is None):
+            raise ValueError("pass both vocab and merges, or neither for the shipped CLIP vocabulary")
+        if vocab is None:
+            vocab, merges = shipped_vocabulary()
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+        _check_merges(vocab, merges)
+        self.encoder = dict(vocab)
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.merges = merges
+        given = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token)
+        tokens = {role: _as_special_token(role, value, self.encoder) for role, value in given.items()}
+        normalized = {token.content: token.normalized for token in tokens.values()}  # shared: the last role's flag wins
+        self.special_tokens = {role: t._replace(normalized=normalized[t.content]) for role, t in tokens.items()}
+        self.model_max_length = model_max_length
+        self.bpe = BytePairEncoder(self.encoder, merges, unk_id=self.unk_token_id)
+        self._raw_special = _alternation([t for t, n in normalized.items() if not n])
+        self._normalized_special = _alternation([t for t, n in normalized.items() if n])
+
+    # ---- construction and files ---------------------------------------------------------------------------------
+    @classmethod
+    def from_default(cls, **kwargs: Any) -> "CLIPTokenizer":
+        """The shipped CLIP vocabulary; ``pad_token="!"`` for the SD 2.x (OpenCLIP) convention."""
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
+    ) -> "CLIPTokenizer":
+        """Read vocab.json + merges.txt (or transformers 5's tokenizer.json) and the token settings of a folder.
+
+        Settings come from tokenizer_config.json and special_tokens_map.json as transformers reads them;
+        ``overrides`` (``pad_token="!"``, ``model_max_length=...``) replace them.
+        """
+        from minidiff.loading.hub import resolve_folder
+
+        folder = resolve_folder(pretrained_model_name_or_path)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{folder} does not exist: no {subfolder!r} subfolder")
+        vocab, merges, added_tokens = _read_vocab_and_merges(folder)
+        settings = _read_token_settings(folder, added_tokens)
+        settings.update(overrides)
+        return cls(vocab, merges, **settings)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (transformers' layout)."""
+        os.makedirs(save_directory, exist_ok=True)
+        added = {self.encoder[t.content]: {**t.to_json(), "special": True} for t in self.special_tokens.values()}
+        config = {
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, "do_lower_case": True,
+            "errors": "replace", "add_prefix_space": False,
+            "added_tokens_decoder": {str(i): added[i] for i in sorted(added)},
+            **{role: token.content for role, token in self.special_tokens.items()},
+        }
+        special_map = {role: token.to_json() for role, token in self.special_tokens.items()}
+        vocab = dict(sorted(self.encoder.items(), key=lambda item: item[1]))
+        files = {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps(special_map, indent=2),
+        }
+        for name, text in files.items():
+            with open(os.path.join(save_directory, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
+
+    # ---- vocabulary ---------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    def __len__(self) -> int:
+        return len(self.encoder)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.encoder)
+
+    bos_token = property(lambda self: self.special_tokens["bos_token"].content)
+    eos_token = property(lambda self: self.special_tokens["eos_token"].content)
+    unk_token = property(lambda self: self.special_tokens["unk_token"].content)
+    pad_token = property(lambda self: self.special_tokens["pad_token"].content)
+    bos_token_id = property(lambda self: self.encoder[self.bos_token])
+    eos_token_id = property(lambda self: self.encoder[self.eos_token])
+    unk_token_id = property(lambda self: self.encoder[self.unk_token])
+    pad_token_id = property(lambda self: self.encoder[self.pad_token])
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(token.content for token in self.special_tokens.values()))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.encoder[token] for token in self.all_special_tokens]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """Token string(s) -> id(s); unknown tokens give the unk id."""
+        if isinstance(tokens, str):
+            return self.encoder.get(tokens, self.unk_token_id)
+        return [self.encoder.get(token, self.unk_token_id) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        if isinstance(ids, int):
+            return self.decoder[self._check_ids([ids])[0]]
+        return [self.decoder[i] for i in self._check_ids(ids)]
+
+    # ---- text -> ids --------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[str]:
+        """Token strings of ``text``, without bos/eos: ``tokenize("A cat!") -> ["a</w>", "cat</w>", "!</w>"]``."""
+        return [self.decoder[i] for i in self._text_to_ids(_check_text(text, "text"))]
+
+    def _text_to_ids(self, text: str) -> list[int]:
+        """Special tokens found in the raw text, then in each normalized stretch between them; BPE on the rest."""
+        ids: list[int] = []
+        for raw, is_token in _split_around(text, self._raw_special):
+            pieces = [(raw, True)] if is_token else _split_around(normalize(raw), self._normalized_special)
+            for piece, is_token in pieces:
+                if is_token:
+                    ids.append(self.encoder[piece])
+                else:
+                    ids.extend(i for word in pre_tokenize(piece) for i in self.bpe.encode(word))
+        return ids
+
+    def __call__(
+        self,
+        text: str | list[str],
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> BatchEncoding:
+        """Token ids and attention mask of one text or a batch, with transformers' padding/truncation rules.
+
+        ``padding``: False, True/"longest" (to the longest in the batch) or "max_length". ``truncation``: True
+        cuts each sequence to ``max_length`` (bos/eos included) and warns with the removed text; None truncates only
+        when ``max_length`` is given without padding. ``max_length`` defaults to ``model_max_length`` where needed.
+        ``return_tensors``: None (lists), "pt" (long tensors) or "np" (int64 arrays), shaped (batch, length).
+        """
+        texts = [_check_text(text, "text")] if isinstance(text, str) else _check_texts(text)
+        check_choice("padding", padding, PADDING_CHOICES)
+        check_choice("truncation", truncation, TRUNCATION_CHOICES)
+        check_choice("return_tensors", return_tensors, RETURN_TENSORS_CHOICES)
+        if truncation is None:
+            truncation = max_length is not None and padding is False
+        truncate = truncation not in (False, "do_not_truncate")
+        pad_to = {True: "longest", False: None, "do_not_pad": None}.get(padding, padding)
+        if max_length is None and (truncate or pad_to == "max_length"):
+            max_length = self.model_max_length
+        if max_length is not None:
+            _check_max_length(max_length, 2 if add_special_tokens else 1)
+
+        sequences = []
+        for one_text in texts:  # a loop, not a comprehension, so the truncation warning's stacklevel holds
+            sequences.append(self._encode_one(one_text, add_special_tokens, max_length if truncate else None))
+        length = {"longest": max(map(len, sequences)), "max_length": max_length, None: 0}[pad_to]
+        masks = [[1] * len(ids) + [0] * (length - len(ids)) for ids in sequences]
+        sequences = [ids + [self.pad_token_id] * (length - len(ids)) for ids in sequences]
+        if return_tensors is not None:
+            return BatchEncoding(input_ids=_as_tensor(sequences, return_tensors),
+                                 attention_mask=_as_tensor(masks, return_tensors))
+        if isinstance(text, str):
+            return BatchEncoding(input_ids=sequences[0], attention_mask=masks[0])
+        return BatchEncoding(input_ids=sequences, attention_mask=masks)
+
+    def _encode_one(self, text: str, add_special_tokens: bool, max_length: int | None) -> list[int]:
+        ids = self._text_to_ids(text)
+        if max_length is not None:
+            keep = max_length - (2 if add_special_tokens else 0)
+            if len(ids) > keep:
+                warnings.warn(
+                    f"The following part of your input was truncated because CLIP can only handle sequences up to "
+                    f"{max_length} tokens: {self.decode(ids[keep:])!r}",
+                    stacklevel=3,
+                )
+                ids = ids[:keep]
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def encode(self, text: str, add_special_tokens: bool = True, padding: bool | str = False,
+               truncation: bool | str | None = None, max_length: int | None = None) -> list[int]:
+        """The id list of one text: ``encode("a cat") -> [49406, 320, 2368, 49407]``."""
+        encoding = self(_check_text(text, "text"), padding=padding, truncation=truncation, max_length=max_length,
+                        add_special_tokens=add_special_tokens)
+        return encoding["input_ids"]
+
+    # ---- ids -> text --------------------------------------------------------------------------------------------
+    def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
+        """Text of a list/1-D tensor of ids: bytes back to UTF-8, each ``</w>`` a space, outer spaces stripped."""
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
+        ids = self._check_ids([ids] if isinstance(ids, int) else ids)
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            ids = [i for i in ids if i not in special]
+        return byte_decode([self.decoder[i] for i in ids]).replace(END_OF_WORD, " ").strip()
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        """:meth:`decode` of each row of a list of id lists or a 2-D tensor."""
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+    def _check_ids(self, ids) -> list[int]:
+        for i in ids:
+            if not isinstance(i, numbers.Integral) or i not in self.decoder:
+                raise ValueError(f"token id {i!r} is not in this vocabulary of {len(self.decoder)} tokens")
+        return [int(i) for i in ids]
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+                f"special_tokens={ {role: t.content for role, t in self.special_tokens.items()} })")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+def shipped_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary from the shipped merge list, built as OpenAI CLIP's simple_tokenizer does: 256 byte
+    characters, the same with ``</w>``, one token per merge, ``<|startoftext|>``, ``<|endoftext|>`` (49408 in all)."""
+    with gzip.open(SHIPPED_MERGES_FILE, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]  # line 0 is a version header
+    chars = list(bytes_to_unicode().values())
+    tokens = [*chars, *(c + END_OF_WORD for c in chars), *(a + b for a, b in merges)]
+    tokens += [DEFAULT_TOKENS["bos_token"], DEFAULT_TOKENS["eos_token"]]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _check_merges(vocab: dict[str, int], merges: list[tuple[str, ...]]) -> None:
+    for rank, merge in enumerate(merges):
+        if len(merge) != 2 or any(part not in vocab for part in (*merge, "".join(merge))):
+            raise ValueError(f"merge {rank} {merge!r}: a merge is two vocabulary tokens whose concatenation is one too")
+
+
+def _as_special_token(role: str, value: str | dict, vocab: dict[str, int]) -> SpecialToken:
+    if isinstance(value, str):
+        token = SpecialToken(value)
+    else:
+        token = SpecialToken(value["content"], bool(value.get("normalized", False)))
+    if token.content not in vocab:
+        raise ValueError(
+            f"{role}={token.content!r} is not in the vocabulary; CLIP uses '<|endoftext|>' or '!' as pad_token"
+        )
+    return token
+
+
+def _alternation(tokens: list[str]) -> re.Pattern | None:
+    """A pattern finding any of ``tokens``, the longest first where several start at one place."""
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
+def _split_around(text: str, tokens: re.Pattern | None) -> list[tuple[str, bool]]:
+    """``text`` cut around every special token: (piece, is_special_token) pairs in order, empty pieces dropped."""
+    parts = tokens.split(text) if tokens is not None else [text]
+    return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]  # the capture group puts tokens at odd places
+
+
+def _check_text(text: Any, name: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(text).__name__}")
+    return text
+
+
+def _check_texts(texts: Any) -> list[str]:
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"text must be a str or a list of str, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError("text is an empty list; pass at least one prompt")
+    return [_check_text(t, f"text[{i}]") for i, t in enumerate(texts)]
+
+
+def _check_max_length(max_length: Any, minimum: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < minimum:
+        why = " (bos and eos take two places)" if minimum == 2 else ""
+        raise ValueError(f"max_length={max_length!r}: must be an int >= {minimum}{why}")
+
+
+def _as_tensor(rows: list[list[int]], return_tensors: str):
+    if len({len(row) for row in rows}) > 1:
+        lengths = sorted({len(row) for row in rows})
+        raise ValueError(
+            f"return_tensors={return_tensors!r} needs sequences of one length, got lengths {lengths}; "
+            "pass padding='max_length' (or 'longest') and truncation=True"
+        )
+    array = np.array(rows, dtype=np.int64)
+    return torch.from_numpy(array) if return_tensors == "pt" else array
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _read_vocab_and_merges(folder: str) -> tuple[dict[str, int], list[tuple[str, str]], list[dict]]:
+    """vocab.json + merges.txt, else the BPE model inside tokenizer.json (what transformers 5 saves alone).
+
+    Also returns tokenizer.json's "added_tokens" (their ``normalized`` flags), empty for the two-file layout.
+    """
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    tokenizer_json = _read_json(os.path.join(folder, "tokenizer.json"))
+    if tokenizer_json is not None and not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
+        model = tokenizer_json.get("model", {})
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+            raise ValueError(f"{folder}/tokenizer.json is not a CLIP tokenizer (a BPE model with '</w>' word ends)")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges, tokenizer_json.get("added_tokens", [])
+    for path in (vocab_path, merges_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist: a CLIP tokenizer folder needs vocab.json and merges.txt (or tokenizer.json)"
+            )
+    vocab = _read_json(vocab_path)
+    merges = []
+    with open(merges_path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\n")
+            if not line or line.startswith("#version"):
+                continue
+            if line.count(" ") != 1:
+                raise ValueError(f"{merges_path} line {number}: {line!r} is not a merge 'a b'")
+            merges.append(tuple(line.split(" ")))
+    return vocab, merges, []
+
+
+def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any]:
+    """Special tokens and model_max_length from tokenizer_config.json / special_tokens_map.json, as transformers 5
+    resolves them: a token's ``normalized`` flag comes from the config's ``added_tokens_decoder`` (else from
+    tokenizer.json's added tokens, else from the token's own dict); special_tokens_map.json counts only when the
+    config has no ``added_tokens_decoder``."""
+    config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+    tokens = {role: config[role] for role in TOKEN_ROLES if config.get(role) is not None}
+    if "added_tokens_decoder" in config:
+        added_tokens = list(config["added_tokens_decoder"].values())
+    else:
+        special_map = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
+        tokens.update({role: special_map[role] for role in TOKEN_ROLES if special_map.get(role) is not None})
+    flags = {t["content"]: t.get("normalized", False) for t in added_tokens}
+    settings: dict[str, Any] = {}
+    for role, value in tokens.items():
+        content = value if isinstance(value, str) else value["content"]
+        normalized = flags.get(content, False if isinstance(value, str) else value.get("normalized", False))
+        settings[role] = {"content": content, "normalized": normalized}
+    max_length = config.get("model_max_length") or MODEL_MAX_LENGTH
+    settings["model_max_length"] = MODEL_MAX_LENGTH if max_length > UNSET_MAX_LENGTH else int(max_length)
+    return settings
