@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 import transformers
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minidiff.models.clip import CLIPTextModel
-from parity.pipeline_fixtures import randomize_
+from parity.pipeline_fixtures import randomize_, save_reference_pipeline
 from parity.report import compare
 
 COMPONENT = "CLIPTextModel"
@@ -159,3 +160,22 @@ def test_hypothesis_configs(tmp_path_factory, config, batch, data):
     keep[:, 0] = True
     use_mask = data.draw(st.booleans(), label="use attention_mask")
     compare_outputs("hypothesis configs", *run_both(reference, ours, ids, keep.long() if use_mask else None))
+
+
+def test_drop_in_for_diffusers_pipeline_with_clip_skip(tmp_path):
+    """minidiff's text encoder inside diffusers' StableDiffusionPipeline with clip_skip=1 (diffusers' own path calls
+    ``text_encoder.text_model.final_layer_norm``, which transformers 5 lacks): the reference pipeline gets the same
+    penultimate-layer embeddings computed by hand from the transformers encoder."""
+    pipe, folder = save_reference_pipeline(tmp_path)
+    ours = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    mixed = diffusers.StableDiffusionPipeline(**{**pipe.components, "text_encoder": ours})
+    prompt = "a red cube on a table"
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        penultimate = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        prompt_embeds = pipe.text_encoder.final_layer_norm(penultimate)
+    options = dict(num_inference_steps=2, output_type="np", height=32, width=32)
+    expected = pipe(prompt_embeds=prompt_embeds, generator=torch.Generator().manual_seed(0), **options).images
+    actual = mixed(prompt, clip_skip=1, generator=torch.Generator().manual_seed(0), **options).images
+    compare(COMPONENT, "in diffusers StableDiffusionPipeline, clip_skip=1 (np)", actual, expected, 1e-4, metric="abs")

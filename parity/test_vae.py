@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minidiff.models.vae import AutoencoderKL
-from parity.pipeline_fixtures import randomize_
+from parity.pipeline_fixtures import make_image, randomize_, save_reference_pipeline
 from parity.report import compare
 
 COMPONENT = "AutoencoderKL"
@@ -170,3 +170,15 @@ def vae_configs(draw):
 def test_hypothesis_configs(tmp_path_factory, config, batch, height, width, seed):
     reference, ours = reference_and_minidiff(config, tmp_path_factory.mktemp("vae"), seed)
     compare_vaes("hypothesis configs", reference, ours, images(config, batch, (height, width), seed), seed)
+
+
+def test_drop_in_for_diffusers_img2img_pipeline(tmp_path):
+    """minidiff's VAE inside diffusers' img2img pipeline: encode, ``latent_dist.sample(generator)``, decode."""
+    pipe, folder = save_reference_pipeline(tmp_path)
+    reference = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    mixed = diffusers.StableDiffusionImg2ImgPipeline(
+        **{**pipe.components, "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae")})
+    options = dict(prompt="a red cube", image=make_image(32), strength=0.7, num_inference_steps=3, output_type="np")
+    expected = reference(generator=torch.Generator().manual_seed(0), **options).images
+    actual = mixed(generator=torch.Generator().manual_seed(0), **options).images
+    compare(COMPONENT, "in diffusers StableDiffusionImg2ImgPipeline (np)", actual, expected, 1e-4, metric="abs")

@@ -31,6 +31,8 @@ def test_output_access(model):
     assert out["last_hidden_state"] is out.last_hidden_state is out[0]
     assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
     torch.testing.assert_close(model.final_layer_norm(out.hidden_states[-1]), out.last_hidden_state)
+    assert model.text_model.final_layer_norm is model.final_layer_norm  # diffusers' clip_skip path
+    assert not any(name.startswith("text_model") for name in model.state_dict())
     as_tuple = model(ids, return_dict=False)
     assert len(as_tuple) == 2  # hidden_states left out when not asked for
     torch.testing.assert_close(as_tuple[0], out.last_hidden_state)

@@ -196,6 +196,12 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
         self.encoder = CLIPEncoder(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
+    @property
+    def text_model(self) -> "CLIPTextModel":
+        """transformers 4.x nested the tower under ``text_model``; diffusers' clip_skip path still calls
+        ``text_encoder.text_model.final_layer_norm`` (diffusers #14124), which this alias keeps working."""
+        return self
+
     def attention_modules(self) -> list[CLIPAttention]:
         """What ``set_attention_backend`` / ``enable_attention_slicing`` (AttentionBackendMixin) configure."""
         return [layer.self_attn for layer in self.encoder.layers]
