@@ -1,0 +1,1 @@
+"""minidiff vs diffusers benchmarks: ``python -m benchmarks`` (see benchmarks/README.md)."""

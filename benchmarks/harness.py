@@ -223,15 +223,20 @@ def run_case(case: "Case", dtypes: tuple[str, ...], settings: Settings, machine:
 
 
 def run(cases: list["Case"], dtypes: tuple[str, ...], settings: Settings, log: Callable[[str], None] = print) -> tuple[list[Row], Machine]:
-    """Measure the machine's matmul peak, then every case, under ``settings.threads`` threads and inference mode."""
+    """Measure the machine's matmul peak, then every case, under ``settings.threads`` threads and inference mode
+    (the previous thread count is restored afterwards)."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    machine = Machine(settings.threads, torch.__version__)
-    size = 256 if settings.quick else 2048
-    machine.matmul_gflops = {dtype: matmul_peak_gflops(DTYPES[dtype], size) for dtype in dtypes}
-    rows = []
-    with torch.inference_mode():
-        for case in cases:
-            for row in run_case(case, dtypes, settings, machine):
-                log(f"{row.what} {row.shape} {row.dtype} {row.backend}: ratio {row.ratio} ({row.status})")
-                rows.append(row)
+    try:
+        machine = Machine(settings.threads, torch.__version__)
+        size = 256 if settings.quick else 2048
+        machine.matmul_gflops = {dtype: matmul_peak_gflops(DTYPES[dtype], size) for dtype in dtypes}
+        rows = []
+        with torch.inference_mode():
+            for case in cases:
+                for row in run_case(case, dtypes, settings, machine):
+                    log(f"{row.what} {row.shape} {row.dtype} {row.backend}: ratio {row.ratio} ({row.status})")
+                    rows.append(row)
+    finally:
+        torch.set_num_threads(previous_threads)
     return rows, machine
