@@ -222,9 +222,19 @@ class CLIPTokenizer:
         ``return_tensors``: None (lists), "pt" (long tensors) or "np" (int64 arrays), shaped (batch, length).
         """
         texts = [_check_text(text, "text")] if isinstance(text, str) else _check_texts(text)
+        check_choice("return_tensors", return_tensors, RETURN_TENSORS_CHOICES)
+        sequences, masks = self._encode_batch(texts, padding, truncation, max_length, add_special_tokens)
+        if return_tensors is not None:
+            return BatchEncoding(input_ids=_as_tensor(sequences, return_tensors),
+                                 attention_mask=_as_tensor(masks, return_tensors))
+        if isinstance(text, str):
+            return BatchEncoding(input_ids=sequences[0], attention_mask=masks[0])
+        return BatchEncoding(input_ids=sequences, attention_mask=masks)
+
+    def _encode_batch(self, texts: list[str], padding, truncation, max_length, add_special_tokens: bool):
+        """(ids, attention masks) of each text, truncated and padded as transformers decides from the options."""
         check_choice("padding", padding, PADDING_CHOICES)
         check_choice("truncation", truncation, TRUNCATION_CHOICES)
-        check_choice("return_tensors", return_tensors, RETURN_TENSORS_CHOICES)
         if truncation is None:
             truncation = max_length is not None and padding is False
         truncate = truncation not in (False, "do_not_truncate")
@@ -235,17 +245,11 @@ class CLIPTokenizer:
             _check_max_length(max_length, 2 if add_special_tokens else 1)
 
         sequences = []
-        for one_text in texts:  # a loop, not a comprehension, so the truncation warning's stacklevel holds
-            sequences.append(self._encode_one(one_text, add_special_tokens, max_length if truncate else None))
+        for text in texts:  # a loop, not a comprehension, so the truncation warning's stacklevel holds
+            sequences.append(self._encode_one(text, add_special_tokens, max_length if truncate else None))
         length = {"longest": max(map(len, sequences)), "max_length": max_length, None: 0}[pad_to]
         masks = [[1] * len(ids) + [0] * (length - len(ids)) for ids in sequences]
-        sequences = [ids + [self.pad_token_id] * (length - len(ids)) for ids in sequences]
-        if return_tensors is not None:
-            return BatchEncoding(input_ids=_as_tensor(sequences, return_tensors),
-                                 attention_mask=_as_tensor(masks, return_tensors))
-        if isinstance(text, str):
-            return BatchEncoding(input_ids=sequences[0], attention_mask=masks[0])
-        return BatchEncoding(input_ids=sequences, attention_mask=masks)
+        return [ids + [self.pad_token_id] * (length - len(ids)) for ids in sequences], masks
 
     def _encode_one(self, text: str, add_special_tokens: bool, max_length: int | None) -> list[int]:
         ids = self._text_to_ids(text)
@@ -255,7 +259,7 @@ class CLIPTokenizer:
                 warnings.warn(
                     f"The following part of your input was truncated because CLIP can only handle sequences up to "
                     f"{max_length} tokens: {self.decode(ids[keep:])!r}",
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of __call__ / encode
                 )
                 ids = ids[:keep]
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
@@ -263,9 +267,8 @@ class CLIPTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, padding: bool | str = False,
                truncation: bool | str | None = None, max_length: int | None = None) -> list[int]:
         """The id list of one text: ``encode("a cat") -> [49406, 320, 2368, 49407]``."""
-        encoding = self(_check_text(text, "text"), padding=padding, truncation=truncation, max_length=max_length,
-                        add_special_tokens=add_special_tokens)
-        return encoding["input_ids"]
+        text = _check_text(text, "text")
+        return self._encode_batch([text], padding, truncation, max_length, add_special_tokens)[0][0]
 
     # ---- ids -> text --------------------------------------------------------------------------------------------
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
