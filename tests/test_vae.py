@@ -28,7 +28,8 @@ def test_shapes_and_output_access(vae):
     with torch.no_grad():
         out = vae.encode(x)
         posterior = out.latent_dist
-        assert out[0] is posterior is out["latent_dist"] and vae.encode(x, return_dict=False)[0].mean.shape == (2, 3, 8, 8)
+        assert out[0] is posterior is out["latent_dist"]
+        assert vae.encode(x, return_dict=False)[0].mean.shape == (2, 3, 8, 8)
         decoded = vae.decode(posterior.mode())
         assert decoded.sample.shape == (2, 3, 16, 16) and decoded[0] is decoded["sample"]
         assert vae.decode(posterior.mode(), return_dict=False)[0].shape == (2, 3, 16, 16)

@@ -157,7 +157,8 @@ class _CoderBase(nn.Module):
         super().__init__()
         bottom = block_out_channels[-1]
         self.conv_in = nn.Conv2d(in_channels, stem_channels, kernel_size=3, padding=1)
-        self.mid_block = UNetMidBlock2D(bottom, resnet, attention_head_dim=bottom, add_attention=mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(bottom, resnet, attention_head_dim=bottom,  # one head over all channels
+                                        add_attention=mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(resnet.groups, head_channels, eps=VAE_EPS)
         self.conv_act = nn.SiLU()  # always SiLU, whatever act_fn the resnets use (as diffusers)
         self.conv_out = nn.Conv2d(head_channels, out_channels, kernel_size=3, padding=1)
