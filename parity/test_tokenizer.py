@@ -76,7 +76,8 @@ FRAGMENTS = [
     "\u65e5\u672c\u8a9e", "\U0001f600", "\U0001f44d\U0001f3fd", "\U0001f469\u200d\U0001f469\u200d\U0001f467",
     "\U0001f1eb\U0001f1f7", "\u00bd", "\u0663", "\u216b", "1234", "3.14", "\x1c", "\u200b", "</w>", "\ufffd",
     "a painting of a", "flooble", "ultra-detailed, 8k, trending on artstation", "(masterpiece:1.2)", "[cat|dog]",
-    "#hashtag", "@user", "q\u0323\u0307", "q\u0307\u0323", "\u1100\u1161\u11a8", "\u0915\u093c",
+    "#hashtag", "@user", "q\u0323\u0307", "q\u0307\u0323", "\u1100\u1161\u11a8", "\u0915\u093c", "x" * 300,
+    "ha" * 40, "!" * 30,
 ]
 SEPARATOR_LIST = ["", " ", "  ", "\t", "\n", "\r\n", " \t\n ", "\u00a0", "\u3000", "\u2028", "\x85", "\x0b"]
 SEPARATORS = st.sampled_from(SEPARATOR_LIST)

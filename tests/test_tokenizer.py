@@ -49,6 +49,14 @@ def test_merge_order_lowest_rank_then_leftmost():
     assert BytePairEncoder(vocab, [("a", "a</w>"), ("a", "a")], unk_id=0).merge("aaa") == ["a", "aa</w>"]
 
 
+def test_shipped_merges_are_in_learned_order(sd1):
+    """What makes BytePairEncoder.merge's merge-all-occurrences loop equal tokenizers' one-pair-at-a-time order."""
+    known = {token for token, i in sd1.get_vocab().items() if i < 512}  # bytes, and bytes ending a word
+    for first, second in sd1.merges:
+        assert first in known and second in known
+        known.add(first + second)
+
+
 def test_shipped_vocabulary(sd1):
     assert sd1.vocab_size == len(sd1) == 49408
     assert (sd1.bos_token_id, sd1.eos_token_id, sd1.pad_token_id, sd1.model_max_length) == (BOS, EOS, EOS, 77)

@@ -141,18 +141,26 @@ class BytePairEncoder:
         self._cache: dict[str, list[int]] = {}
 
     def merge(self, word: str) -> list[str]:
-        """Apply merges to a byte-encoded word until none applies (Sennrich et al. 2016, Sec. 3.2).
+        """Apply merges to a byte-encoded word until none applies (Sennrich et al. 2016, Sec. 3.2, Algorithm 1).
 
-        Each step merges the adjacent pair with the lowest rank, the leftmost one if it occurs several times:
-        the order of tokenizers' priority queue, equal to GPT-2/CLIP's merge-every-occurrence loop for merges
-        learned in order.
+        Each step takes the adjacent pair of lowest rank and merges all its occurrences, left to right, as GPT-2's
+        and CLIP's encoders do. For merges listed in learned order (each joins bytes or tokens of earlier merges, true
+        of CLIP's list) this is the order of tokenizers' priority queue: lowest rank first, then leftmost.
         """
         symbols = [*word[:-1], word[-1] + END_OF_WORD]
         while len(symbols) > 1:
-            rank, i = min((self.ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
-            if rank == float("inf"):
+            first, second = min(zip(symbols, symbols[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            if (first, second) not in self.ranks:
                 break
-            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
         return symbols
 
     def encode(self, word: str) -> list[int]:
