@@ -140,7 +140,8 @@ def check_against_stock_lms(config: dict, num_inference_steps: int, trajectory: 
     for i, (t, x_mine) in enumerate(zip(stock.timesteps, trajectory)):
         order = min(i + 1, 4)
         expected = torch.tensor([stock.get_lms_coefficient(order, i, k) for k in range(order)], dtype=torch.float64)
-        compare(name, "coefficients vs stock diffusers", torch.tensor(lms_coefficients(mine.sigmas, i, order)), expected, TOL)
+        exact = torch.tensor(lms_coefficients(mine.sigmas, i, order))
+        compare(name, "coefficients vs stock diffusers", exact, expected, TOL)
         x = stock.step(toy_model(stock.scale_model_input(x, t), t), t, x).prev_sample
         compare(name, "trajectories vs stock diffusers (float32 quadrature): prev_sample", x_mine, x, STOCK_LMS_TOL)
 
@@ -206,7 +207,10 @@ def dpm_options(draw) -> dict:
         thresholding=draw(st.booleans()),
     )
     if options["thresholding"]:
-        options.update(dynamic_thresholding_ratio=draw(st.sampled_from([0.995, 0.87])), sample_max_value=draw(st.sampled_from([1.0, 0.5, 2.0])))
+        options.update(
+            dynamic_thresholding_ratio=draw(st.sampled_from([0.995, 0.87])),
+            sample_max_value=draw(st.sampled_from([1.0, 0.5, 2.0])),
+        )
     return options
 
 
@@ -232,7 +236,9 @@ def test_lms_trajectories(config, num_inference_steps):
 @given(
     config=euler_options(),
     num_inference_steps=STEPS,
-    churn=st.sampled_from([dict(), dict(s_churn=0.5), dict(s_churn=3.0, s_noise=0.8), dict(s_churn=2.0, s_tmin=1.0, s_tmax=10.0)]),
+    churn=st.sampled_from(
+        [dict(), dict(s_churn=0.5), dict(s_churn=3.0, s_noise=0.8), dict(s_churn=2.0, s_tmin=1.0, s_tmax=10.0)]
+    ),
 )
 def test_euler_trajectories(config, num_inference_steps, churn):
     mine, ref = build_pair("EulerDiscreteScheduler", config, num_inference_steps)
@@ -293,7 +299,9 @@ NAMED_CONFIGS = {
 NAMED = [(name, *row) for name, rows in NAMED_CONFIGS.items() for row in rows]
 
 
-@pytest.mark.parametrize("name, label, config, num_inference_steps, step_kwargs", NAMED, ids=[f"{r[0]}-{r[1]}" for r in NAMED])
+@pytest.mark.parametrize(
+    "name, label, config, num_inference_steps, step_kwargs", NAMED, ids=[f"{row[0]}-{row[1]}" for row in NAMED]
+)
 def test_named_configs(name, label, config, num_inference_steps, step_kwargs):
     mine, ref = build_pair(name, config, num_inference_steps)
     trajectory = run_side_by_side(name, "trajectories", mine, ref, step_kwargs=step_kwargs)
@@ -358,7 +366,8 @@ def test_add_noise_on_the_inference_schedule(name):
             compare(name, f"{attribute} (VP schedule)", getattr(mine, attribute), getattr(ref, attribute), TOL)
     timesteps = ref.timesteps[[0, 7, 19]]
     x0, noise = torch.randn((3, 3, 4, 4)), torch.randn((3, 3, 4, 4))
-    compare(name, "add_noise (inference schedule)", mine.add_noise(x0, noise, timesteps), ref.add_noise(x0, noise, timesteps), TOL)
+    noisy_mine, noisy_ref = mine.add_noise(x0, noise, timesteps), ref.add_noise(x0, noise, timesteps)
+    compare(name, "add_noise (inference schedule)", noisy_mine, noisy_ref, TOL)
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
@@ -366,7 +375,8 @@ def test_euler_get_velocity(spacing):
     mine, ref = build_pair("EulerDiscreteScheduler", dict(timestep_spacing=spacing, prediction_type="v_prediction"), 10)
     timesteps = ref.timesteps[[0, 4, 9]]
     x0, noise = torch.randn((3, 3, 4, 4)), torch.randn((3, 3, 4, 4))
-    compare("EulerDiscreteScheduler", "get_velocity", mine.get_velocity(x0, noise, timesteps), ref.get_velocity(x0, noise, timesteps), TOL)
+    velocity_mine, velocity_ref = mine.get_velocity(x0, noise, timesteps), ref.get_velocity(x0, noise, timesteps)
+    compare("EulerDiscreteScheduler", "get_velocity", velocity_mine, velocity_ref, TOL)
 
 
 # ---- configs across libraries ----------------------------------------------------------------------------------------
@@ -466,24 +476,29 @@ def dpm_loop(library, name: str, config: dict, t_start: int | None) -> torch.Ten
 
 
 T1100 = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+T1100_V, T1100_KARRAS = dict(T1100, prediction_type="v_prediction"), dict(T1100, use_karras_sigmas=True)
+THRESHOLD = dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5)
+LMS, EULER, EULER_A, DPM = NAMES
+K, D = karras_family_loop, dpm_loop
 # (scheduler, test, loop, config, t_start, statistic, expected, tolerance) from diffusers' tests/schedulers
 DIFFUSERS_EXPECTED = [
-    ("LMSDiscreteScheduler", "full_loop_no_noise", karras_family_loop, T1100, None, "sum", 1006.388, 1e-2),
-    ("LMSDiscreteScheduler", "full_loop_with_v_prediction", karras_family_loop, dict(T1100, prediction_type="v_prediction"), None, "sum", 0.0017, 1e-2),
-    ("LMSDiscreteScheduler", "full_loop_device_karras_sigmas", karras_family_loop, dict(T1100, use_karras_sigmas=True), None, "sum", 3812.9927, 2e-2),
-    ("LMSDiscreteScheduler", "full_loop_with_noise", karras_family_loop, T1100, 8, "sum", 27663.6895, 1e-2),
-    ("EulerDiscreteScheduler", "full_loop_no_noise", karras_family_loop, T1100, None, "sum", 10.0807, 1e-2),
-    ("EulerDiscreteScheduler", "full_loop_with_v_prediction", karras_family_loop, dict(T1100, prediction_type="v_prediction"), None, "sum", 0.0002, 1e-2),
-    ("EulerDiscreteScheduler", "full_loop_device_karras_sigmas", karras_family_loop, dict(T1100, use_karras_sigmas=True), None, "sum", 124.52299499511719, 1e-2),
-    ("EulerDiscreteScheduler", "full_loop_with_noise", karras_family_loop, T1100, 8, "sum", 57062.9297, 1e-2),
-    ("EulerAncestralDiscreteScheduler", "full_loop_no_noise", karras_family_loop, T1100, None, "sum", 152.3192, 1e-2),
-    ("EulerAncestralDiscreteScheduler", "full_loop_with_v_prediction", karras_family_loop, dict(T1100, prediction_type="v_prediction"), None, "sum", 108.4439, 1e-2),
-    ("EulerAncestralDiscreteScheduler", "full_loop_with_noise", karras_family_loop, T1100, 8, "sum", 56163.0508, 1e-2),
-    ("DPMSolverMultistepScheduler", "full_loop_no_noise", dpm_loop, {}, None, "mean", 0.3301, 1e-3),
-    ("DPMSolverMultistepScheduler", "full_loop_no_noise_thres", dpm_loop, dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5), None, "mean", 1.1364, 1e-3),
-    ("DPMSolverMultistepScheduler", "full_loop_with_v_prediction", dpm_loop, dict(prediction_type="v_prediction"), None, "mean", 0.2251, 1e-3),
-    ("DPMSolverMultistepScheduler", "full_loop_with_karras_and_v_prediction", dpm_loop, dict(prediction_type="v_prediction", use_karras_sigmas=True), None, "mean", 0.2096, 1e-3),
-    ("DPMSolverMultistepScheduler", "full_loop_with_noise", dpm_loop, {}, 5, "sum", 318.4111, 1e-2),
+    (LMS, "full_loop_no_noise", K, T1100, None, "sum", 1006.388, 1e-2),
+    (LMS, "full_loop_with_v_prediction", K, T1100_V, None, "sum", 0.0017, 1e-2),
+    (LMS, "full_loop_device_karras_sigmas", K, T1100_KARRAS, None, "sum", 3812.9927, 2e-2),
+    (LMS, "full_loop_with_noise", K, T1100, 8, "sum", 27663.6895, 1e-2),
+    (EULER, "full_loop_no_noise", K, T1100, None, "sum", 10.0807, 1e-2),
+    (EULER, "full_loop_with_v_prediction", K, T1100_V, None, "sum", 0.0002, 1e-2),
+    (EULER, "full_loop_device_karras_sigmas", K, T1100_KARRAS, None, "sum", 124.52299499511719, 1e-2),
+    (EULER, "full_loop_with_noise", K, T1100, 8, "sum", 57062.9297, 1e-2),
+    (EULER_A, "full_loop_no_noise", K, T1100, None, "sum", 152.3192, 1e-2),
+    (EULER_A, "full_loop_with_v_prediction", K, T1100_V, None, "sum", 108.4439, 1e-2),
+    (EULER_A, "full_loop_with_noise", K, T1100, 8, "sum", 56163.0508, 1e-2),
+    (DPM, "full_loop_no_noise", D, {}, None, "mean", 0.3301, 1e-3),
+    (DPM, "full_loop_no_noise_thres", D, THRESHOLD, None, "mean", 1.1364, 1e-3),
+    (DPM, "full_loop_with_v_prediction", D, dict(prediction_type="v_prediction"), None, "mean", 0.2251, 1e-3),
+    (DPM, "full_loop_with_karras_and_v_prediction", D, dict(prediction_type="v_prediction", use_karras_sigmas=True),
+     None, "mean", 0.2096, 1e-3),
+    (DPM, "full_loop_with_noise", D, {}, 5, "sum", 318.4111, 1e-2),
 ]
 
 

@@ -81,7 +81,8 @@ def test_karras_formula_and_sigma_to_t_inverts_the_training_schedule():
 
 
 def test_init_noise_sigma():
-    for spacing, expected in [("linspace", lambda m: m), ("trailing", lambda m: m), ("leading", lambda m: (m**2 + 1) ** 0.5)]:
+    cases = [("linspace", lambda m: m), ("trailing", lambda m: m), ("leading", lambda m: (m**2 + 1) ** 0.5)]
+    for spacing, expected in cases:
         scheduler = EulerDiscreteScheduler(timestep_spacing=spacing)
         scheduler.set_timesteps(10)
         assert scheduler.init_noise_sigma == expected(scheduler.sigmas.max())
@@ -305,12 +306,12 @@ def test_from_config_takes_other_schedulers_configs():
         (EulerDiscreteScheduler, dict(timestep_spacing="uniform"), "timestep_spacing='uniform'.*'trailing'"),
         (EulerDiscreteScheduler, dict(interpolation_type="cubic"), "interpolation_type='cubic'.*'log_linear'"),
         (EulerDiscreteScheduler, dict(final_sigmas_type="one"), "final_sigmas_type='one'.*'sigma_min'"),
-        (EulerDiscreteScheduler, dict(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported by minidiff"),
+        (EulerDiscreteScheduler, dict(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported"),
         (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type='sample'.*'v_prediction'"),
-        (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'.*'dpmsolver'"),
+        (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpm.*'dpmsolver'"),
         (DPMSolverMultistepScheduler, dict(solver_order=4), "solver_order=4.*1, 2, 3"),
         (DPMSolverMultistepScheduler, dict(solver_type="rk4"), "solver_type='rk4'.*'heun'"),
-        (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "final_sigmas_type='zero' needs algorithm_type='dpmsolver\\+\\+'"),
+        (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "final_sigmas_type='zero' needs algorithm_type"),
         (DPMSolverMultistepScheduler, dict(variance_type="learned"), "variance_type='learned' is not supported by minidiff"),
         (LMSDiscreteScheduler, dict(trained_betas=[0.1, 0.2]), "trained_betas has shape \\(2,\\); expected \\(1000,\\)"),
     ],

@@ -17,8 +17,14 @@ import torch
 
 from minidiff.configuration import Config, check_choice
 from minidiff.schedulers.base import SchedulerOutput, check_same_shape
-from minidiff.schedulers.betas import check_common_options, check_num_inference_steps, integer_timesteps, threshold_sample
+from minidiff.schedulers.betas import (
+    check_common_options,
+    check_num_inference_steps,
+    integer_timesteps,
+    threshold_sample,
+)
 from minidiff.schedulers.sigmas import (
+    UNSUPPORTED_SIGMA_SPACINGS,
     SigmaSchedulerMixin,
     check_supported_defaults,
     interpolate_sigmas,
@@ -160,9 +166,11 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         check_choice("solver_order", config.solver_order, (1, 2, 3))
         check_choice("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
         if config.algorithm_type == "dpmsolver" and config.final_sigmas_type == "zero":
-            raise ValueError("final_sigmas_type='zero' needs algorithm_type='dpmsolver++'; use final_sigmas_type='sigma_min'")
-        unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                       "use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False}
+            raise ValueError(
+                "final_sigmas_type='zero' needs algorithm_type='dpmsolver++'; use final_sigmas_type='sigma_min'"
+            )
+        unsupported = dict(UNSUPPORTED_SIGMA_SPACINGS, use_lu_lambdas=False, use_flow_sigmas=False,
+                           variance_type=None, use_dynamic_shifting=False)
         check_supported_defaults(type(self).__name__, config, unsupported)
         self._init_noise_schedule()
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
@@ -225,7 +233,8 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         else:
             eps = s.alpha * model_output + s.sigma * sample
         if config.thresholding:
-            x0 = threshold_sample((sample - s.sigma * eps) / s.alpha, config.dynamic_thresholding_ratio, config.sample_max_value)
+            x0 = (sample - s.sigma * eps) / s.alpha
+            x0 = threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
             eps = (sample - s.alpha * x0) / s.sigma
         return eps
 
@@ -257,7 +266,9 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
             prev_sample = first_order_update(config.algorithm_type, sample_f32, m[-1], s0, t)
         elif config.solver_order == 2 or self.lower_order_nums < 2 or final_second_order:
             s1 = noise_level(self.sigmas[i - 1])
-            prev_sample = second_order_update(config.algorithm_type, config.solver_type, sample_f32, m[-1], m[-2], s0, s1, t)
+            prev_sample = second_order_update(
+                config.algorithm_type, config.solver_type, sample_f32, m[-1], m[-2], s0, s1, t
+            )
         else:
             s1, s2 = noise_level(self.sigmas[i - 1]), noise_level(self.sigmas[i - 2])
             prev_sample = third_order_update(config.algorithm_type, sample_f32, m[-1], m[-2], m[-3], s0, s1, s2, t)

@@ -14,6 +14,7 @@ from minidiff.random import randn_tensor
 from minidiff.schedulers.base import SchedulerOutput, broadcast_to
 from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
+    UNSUPPORTED_SIGMA_SPACINGS,
     SigmaSchedulerMixin,
     check_supported_defaults,
     float_timesteps,
@@ -55,7 +56,8 @@ def euler_churn(sigma: torch.Tensor, s_churn: float, num_steps: int, s_tmin: flo
 
 
 def euler_update(sample: torch.Tensor, pred_original_sample: torch.Tensor, sigma_hat, sigma_next) -> torch.Tensor:
-    """Karras et al. 2022, Algorithm 2, lines 7-8: ``d = (x - x0) / sigma_hat``; ``x_next = x + (sigma_next - sigma_hat) d``."""
+    """Karras et al. 2022, Algorithm 2, lines 7-8:
+    ``d = (x - x0) / sigma_hat``; ``x_next = x + (sigma_next - sigma_hat) d``."""
     derivative = (sample - pred_original_sample) / sigma_hat
     return sample + derivative * (sigma_next - sigma_hat)
 
@@ -72,7 +74,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         check_choice("interpolation_type", config.interpolation_type, ("linear", "log_linear"))
         check_choice("timestep_type", config.timestep_type, ("discrete", "continuous"))
         check_choice("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
-        check_supported_defaults(type(self).__name__, config, {"use_exponential_sigmas": False, "use_beta_sigmas": False})
+        check_supported_defaults(type(self).__name__, config, UNSUPPORTED_SIGMA_SPACINGS)
         self._init_noise_schedule()
         if self._continuous_timesteps:
             self.timesteps = 0.25 * self.sigmas[:-1].log()
@@ -151,6 +153,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         *position* in ``scheduler.timesteps`` (``alphas_cumprod[index]``), not at the timestep itself."""
         reject_integer_timestep(f"{type(self).__name__}.get_velocity()", timesteps, self.timesteps)
         schedule = self.timesteps.to(sample.device)
-        indices = [self.index_for_timestep(t, schedule) for t in torch.as_tensor(timesteps, device=sample.device).reshape(-1)]
+        timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1)
+        indices = [self.index_for_timestep(t, schedule) for t in timesteps]
         alpha_bar = self.alphas_cumprod.to(sample)[indices]
         return broadcast_to(alpha_bar**0.5, sample) * noise - broadcast_to((1 - alpha_bar) ** 0.5, sample) * sample

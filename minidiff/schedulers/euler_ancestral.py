@@ -39,7 +39,8 @@ class EulerAncestralDiscreteSchedulerConfig(Config):
 def ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the move sigma_from -> sigma_to into a deterministic part down to ``sigma_down`` and fresh noise of
     scale ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_to^2`` and
-    ``sigma_up = sigma_to * sqrt((sigma_from^2 - sigma_to^2) / sigma_from^2)`` (k-diffusion ``get_ancestral_step``, eta=1)."""
+    ``sigma_up = sigma_to * sqrt((sigma_from^2 - sigma_to^2) / sigma_from^2)``
+    (k-diffusion ``get_ancestral_step`` with eta = 1)."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up

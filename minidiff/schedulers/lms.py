@@ -1,4 +1,4 @@
-"""K-LMS: the probability-flow ODE ``dx/dsigma = (x - x0(x, sigma)) / sigma`` (Karras et al. 2022, Eq. 4 with
+"""K-LMS: the probability-flow ODE ``dx/dsigma = (x - x0(x, sigma)) / sigma`` (Karras et al. 2022, with
 sigma(t) = t) solved by a linear multistep method: each step integrates the Lagrange polynomial through the last
 (up to 4) derivatives over [sigma_i, sigma_{i+1}] (k-diffusion ``sample_lms``)."""
 
@@ -15,6 +15,7 @@ from minidiff.configuration import Config
 from minidiff.schedulers.base import SchedulerOutput
 from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
+    UNSUPPORTED_SIGMA_SPACINGS,
     SigmaSchedulerMixin,
     check_supported_defaults,
     float_timesteps,
@@ -76,7 +77,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     def __init__(self, **kwargs: Any) -> None:
         config = self.register_config(kwargs)
         check_common_options(config)
-        check_supported_defaults(type(self).__name__, config, {"use_exponential_sigmas": False, "use_beta_sigmas": False})
+        check_supported_defaults(type(self).__name__, config, UNSUPPORTED_SIGMA_SPACINGS)
         self._init_noise_schedule()
         self.derivatives: list[torch.Tensor] = []
         # diffusers builds the full training schedule with set_timesteps(T); sampling still needs set_timesteps(N).

@@ -24,7 +24,7 @@ from minidiff.schedulers.base import SchedulerMixin, broadcast_to, check_same_sh
 from minidiff.schedulers.betas import integer_timesteps, make_betas
 
 
-# ---- schedules (numpy, with the dtypes diffusers uses so the numbers agree to the last bit) ---------------------------
+# ---- schedules (numpy, with the dtypes diffusers uses so the numbers agree to the last bit) -------------------------
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for every training step t (increasing in t), float32."""
     return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
@@ -44,8 +44,8 @@ def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.nd
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, Eq. 5: ``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
-    i = 0..N-1: steps crowd towards low noise."""
+    """Karras et al. 2022, Eq. 5, i = 0..N-1 (steps crowd towards low noise):
+    ``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
     ramp = np.linspace(0, 1, num_steps)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -77,6 +77,10 @@ def sigma_predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma: 
     return model_output  # "sample": the model predicts x0 itself
 
 
+# Noise-level spacings diffusers offers besides Karras; minidiff keeps them off.
+UNSUPPORTED_SIGMA_SPACINGS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+
 def check_supported_defaults(owner: str, config: Any, defaults: dict[str, Any]) -> None:
     """Options diffusers has and minidiff does not implement must keep their default value."""
     for option, default in defaults.items():
@@ -95,6 +99,7 @@ def reject_integer_timestep(method: str, timestep: Any, schedule: torch.Tensor) 
 
 
 def describe_schedule(schedule: torch.Tensor) -> str:
+    """The schedule for an error message: all values if short, else its length, ends and first/last few."""
     values = [round(t, 4) if isinstance(t, float) else t for t in schedule.flatten().tolist()]
     if len(values) <= 12:
         return str(values)
@@ -178,7 +183,8 @@ class SigmaSchedulerMixin(SchedulerMixin):
             self._init_step_index(timestep)
         if self.step_index >= len(self.timesteps):
             raise RuntimeError(
-                f"{type(self).__name__} already took all {len(self.timesteps)} steps; call set_timesteps() to start again"
+                f"{type(self).__name__} already took all {len(self.timesteps)} steps; "
+                "call set_timesteps() to start again"
             )
         return self.step_index
 
