@@ -33,6 +33,7 @@ from parity.report import compare, compare_exact
 TOL = 1e-6
 STOCK_LMS_TOL = 1e-4
 NAMES = ("LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler")
+LMS, EULER, EULER_A, DPM = NAMES
 HYPOTHESIS = settings(max_examples=15, deadline=None, derandomize=True)
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "scale_model_input should be called before step" etc.
 
@@ -309,6 +310,16 @@ def test_named_configs(name, label, config, num_inference_steps, step_kwargs):
         check_against_stock_lms(config, num_inference_steps, trajectory)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_trajectories(name):
+    """fp16 samples: Euler, Euler ancestral and DPM-Solver compute in float32 and cast back, LMS stays in fp16,
+    as in diffusers; the results agree bit for bit, so the fp32 tolerance applies."""
+    config = dict(SD, thresholding=True, dynamic_thresholding_ratio=0.9) if name == DPM else SD
+    mine, ref = build_pair(name, config, 10)
+    trajectory = run_side_by_side(name, "fp16 trajectories", mine, ref, sample=start_sample().half())
+    assert trajectory[-1].dtype == torch.float16
+
+
 # ---- img2img and inpainting: starting mid-schedule, re-noising after steps -----------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -478,7 +489,6 @@ def dpm_loop(library, name: str, config: dict, t_start: int | None) -> torch.Ten
 T1100 = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 T1100_V, T1100_KARRAS = dict(T1100, prediction_type="v_prediction"), dict(T1100, use_karras_sigmas=True)
 THRESHOLD = dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5)
-LMS, EULER, EULER_A, DPM = NAMES
 K, D = karras_family_loop, dpm_loop
 # (scheduler, test, loop, config, t_start, statistic, expected, tolerance) from diffusers' tests/schedulers
 DIFFUSERS_EXPECTED = [
