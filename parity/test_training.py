@@ -21,6 +21,7 @@ from minidiff.training import TrainConfig, train
 from minidiff.training.data import SyntheticShapes, global_batch_indices, sample_generators
 from parity.pipeline_fixtures import save_reference_pipeline
 from parity.report import compare
+from tests.training_fixtures import one_thread  # noqa: F401  (tiny models run fastest single-threaded)
 
 COMPONENT = "training"
 LOSS_TOL = 1e-5  # relative, per-step losses over the first steps
@@ -28,15 +29,6 @@ WEIGHT_TOL = 1e-4  # relative, all weights after the last step (Adam divides by 
 STEPS, BATCH, SEED, IMAGES = 5, 4, 3, 16
 OPTIMIZER = dict(learning_rate=1e-3, lr_warmup_steps=2, lr_scheduler="cosine", adam_beta1=0.9, adam_beta2=0.999,
                  adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster single-threaded on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def butterfly_unet(num_class_embeds=None) -> diffusers.UNet2DModel:

@@ -140,8 +140,9 @@ def load_training_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> di
     optimizer.load_state_dict(join_optimizer_state(tensors, state.pop("optimizer")))
     rng = load_safetensors(os.path.join(checkpoint, "training_state", "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    cuda_states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+    if cuda_states and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return state
 
 

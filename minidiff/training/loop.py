@@ -109,20 +109,23 @@ class Trainer:
         if self.config.overwrite:
             for name in RUN_OUTPUTS:
                 path = os.path.join(folder, name)
-                shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         with open(os.path.join(folder, "train_log.jsonl"), "w", encoding="utf-8") as log:
             for step, loss in enumerate(self.losses, 1):
                 log.write(json.dumps({"step": step, "loss": loss}) + "\n")
 
     def _resume(self, path: str) -> None:
         state = checkpoint.load_training_state(path, self.optimizer)
-        changed = {k: (v, state["config"].get(k)) for k, v in self.config.trajectory_options.items()
-                   if state["config"].get(k) != v}
-        if changed or state["global_batch_size"] != self.global_batch:
-            details = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (new, old) in changed.items())
-            if state["global_batch_size"] != self.global_batch:
-                details += f" global batch {self.global_batch} (checkpoint: {state['global_batch_size']})"
-            raise ValueError(f"cannot resume from {path} with different training options: {details.strip(', ')}")
+        saved = state["config"]
+        problems = [f"{k}={v!r} (checkpoint: {saved.get(k)!r})" for k, v in self.config.trajectory_options.items()
+                    if saved.get(k) != v]
+        if state["global_batch_size"] != self.global_batch:
+            problems.append(f"global batch {self.global_batch} (checkpoint: {state['global_batch_size']})")
+        if problems:
+            raise ValueError(f"cannot resume from {path} with different training options: {'; '.join(problems)}")
         checkpoint.load_model_weights(self.unet, os.path.join(path, "unet"))
         if self.ema is not None:
             checkpoint.load_model_weights(self.ema.model, os.path.join(path, "unet_ema"))
@@ -191,9 +194,11 @@ class Trainer:
         if self.dist.is_main:
             path = checkpoint.save_checkpoint(self.config.output_dir, self.step, self._write_models, self.optimizer,
                                               self._state(), keep=self.config.checkpoints_total_limit)
-            for name in ("loss.png", "samples.png"):
+            for name in ("loss.png", "samples.png"):  # the newest pictures also at the top of the run folder
                 if os.path.isfile(os.path.join(path, name)):
-                    shutil.copyfile(os.path.join(path, name), os.path.join(self.config.output_dir, name))
+                    latest = os.path.join(self.config.output_dir, name)
+                    shutil.copyfile(os.path.join(path, name), latest + ".tmp")
+                    os.replace(latest + ".tmp", latest)
         self.dist.barrier()
         return path
 

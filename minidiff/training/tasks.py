@@ -157,7 +157,7 @@ def build_task(config: TrainConfig, device: torch.device):
     if isinstance(pretrained, minidiff.StableDiffusionPipeline):
         return _latent_text_task(config, pretrained, device)
     unet = getattr(pretrained, "unet", pretrained)
-    scheduler_config = getattr(pretrained, "scheduler", None)
+    pretrained_scheduler = getattr(pretrained, "scheduler", None)
     resolution = config.resolution or (unet.config.sample_size if unet is not None else 32)
     channels = unet.config.in_channels if unet is not None else 3
     if unet is not None:
@@ -173,7 +173,7 @@ def build_task(config: TrainConfig, device: torch.device):
     elif num_classes is not None and num_classes > unet.config.num_class_embeds:
         raise ValueError(f"the data has {num_classes} classes but the pretrained UNet embeds only "
                          f"{unet.config.num_class_embeds} (num_class_embeds)")
-    scheduler = noise_scheduler(config, scheduler_config and scheduler_config.config)
+    scheduler = noise_scheduler(config, pretrained_scheduler.config if pretrained_scheduler else None)
     return PixelDiffusion(unet.to(device).train(), scheduler, resolution, num_classes), dataset
 
 
