@@ -12,11 +12,16 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import diffusers
 import torch
 import torch.nn.functional as F
+import transformers
+from diffusers.models.activations import GEGLU as ReferenceGEGLU
 
+import minidiff
 from benchmarks.harness import Pair
 from minidiff import ops
+from minidiff.models.attention import GEGLU
 
 BUILTIN_ATTENTION = ("math", "sdpa", "chunked")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # max_rel above which a row reports "error too high"
@@ -70,6 +75,19 @@ def same_weights(reference: torch.nn.Module, ours: torch.nn.Module, dtype: torch
     return reference.to(dtype).eval(), ours.to(dtype).eval()
 
 
+def twins(name: str, config: dict, dtype: torch.dtype):
+    """diffusers' model ``name`` built from a fixed seed, and minidiff's model of that name with its weights."""
+    torch.manual_seed(0)
+    return same_weights(getattr(diffusers, name)(**config), getattr(minidiff, name)(**config), dtype)
+
+
+def clip_twins(config: dict, dtype: torch.dtype):
+    """transformers' CLIPTextModel built from a fixed seed, and minidiff's with its weights."""
+    torch.manual_seed(0)
+    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
+    return same_weights(reference, minidiff.CLIPTextModel(**config), dtype)
+
+
 def model_pair(reference, ours, call: Callable[..., torch.Tensor], *inputs: Any) -> Pair:
     """``call(model, *inputs)`` on each side; ``compiled`` is the same with both models through torch.compile."""
     return Pair(
@@ -88,10 +106,6 @@ def attention_pair(tokens: int, context: int, head_dim: int, dtype: torch.dtype)
 
 
 def geglu_pair(tokens: int, channels: int, dtype: torch.dtype) -> Pair:
-    from diffusers.models.activations import GEGLU as ReferenceGEGLU
-
-    from minidiff.models.attention import GEGLU
-
     torch.manual_seed(0)
     reference, ours = same_weights(ReferenceGEGLU(channels, 4 * channels), GEGLU(channels, 4 * channels), dtype)
     return model_pair(reference, ours, lambda model, x: model(x), randn(CFG_BATCH, tokens, channels, dtype=dtype))
@@ -113,47 +127,26 @@ def op_cases(quick: bool, attention_backends: tuple[str, ...], geglu_backends: t
 
 # ---- model level --------------------------------------------------------------------------------------------------
 def unet_condition_pair(config: dict, latent_size: int, dtype: torch.dtype) -> Pair:
-    import diffusers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    reference, ours = same_weights(diffusers.UNet2DConditionModel(**config), minidiff.UNet2DConditionModel(**config), dtype)
+    reference, ours = twins("UNet2DConditionModel", config, dtype)
     sample = randn(CFG_BATCH, 4, latent_size, latent_size, dtype=dtype)
     text = randn(CFG_BATCH, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype, seed=1)
     return model_pair(reference, ours, lambda model, x, t: model(x, 999, encoder_hidden_states=t).sample, sample, text)
 
 
 def vae_decode_pair(config: dict, latent_size: int, dtype: torch.dtype) -> Pair:
-    import diffusers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    reference, ours = same_weights(diffusers.AutoencoderKL(**config), minidiff.AutoencoderKL(**config), dtype)
+    reference, ours = twins("AutoencoderKL", config, dtype)
     latents = randn(1, config["latent_channels"], latent_size, latent_size, dtype=dtype)
     return model_pair(reference, ours, lambda model, z: model.decode(z).sample, latents)
 
 
 def clip_pair(config: dict, dtype: torch.dtype) -> Pair:
-    import transformers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
-    reference, ours = same_weights(reference, minidiff.CLIPTextModel(**config), dtype)
+    reference, ours = clip_twins(config, dtype)
     ids = torch.randint(0, config["vocab_size"], (CFG_BATCH, TEXT_TOKENS), generator=torch.Generator().manual_seed(0))
     return model_pair(reference, ours, lambda model, tokens: model(tokens).last_hidden_state, ids)
 
 
 def unet_pair(config: dict, batch: int, dtype: torch.dtype) -> Pair:
-    import diffusers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    reference, ours = same_weights(diffusers.UNet2DModel(**config), minidiff.UNet2DModel(**config), dtype)
+    reference, ours = twins("UNet2DModel", config, dtype)
     size = config["sample_size"]
     return model_pair(reference, ours, lambda model, x: model(x, 10).sample, randn(batch, 3, size, size, dtype=dtype))
 
@@ -181,12 +174,7 @@ def model_cases(quick: bool, backends: tuple[str, ...]) -> list[Case]:
 
 # ---- pipeline level -----------------------------------------------------------------------------------------------
 def ddpm_pair(config: dict, steps: int, dtype: torch.dtype, compiled: bool = False) -> Pair:
-    import diffusers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    reference_unet, unet = same_weights(diffusers.UNet2DModel(**config), minidiff.UNet2DModel(**config), dtype)
+    reference_unet, unet = twins("UNet2DModel", config, dtype)
     if compiled:
         reference_unet, unet = torch.compile(reference_unet), torch.compile(unet)
     reference = diffusers.DDPMPipeline(reference_unet, diffusers.DDPMScheduler())
@@ -197,15 +185,7 @@ def ddpm_pair(config: dict, steps: int, dtype: torch.dtype, compiled: bool = Fal
 
 
 def stable_diffusion_pair(unet: dict, vae: dict, clip: dict, pixels: int, steps: int, dtype: torch.dtype) -> Pair:
-    import diffusers
-    import transformers
-
-    import minidiff
-
-    torch.manual_seed(0)
-    unets = same_weights(diffusers.UNet2DConditionModel(**unet), minidiff.UNet2DConditionModel(**unet), dtype)
-    vaes = same_weights(diffusers.AutoencoderKL(**vae), minidiff.AutoencoderKL(**vae), dtype)
-    texts = same_weights(transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip)), minidiff.CLIPTextModel(**clip), dtype)
+    unets, vaes, texts = twins("UNet2DConditionModel", unet, dtype), twins("AutoencoderKL", vae, dtype), clip_twins(clip, dtype)
     tokenizer = minidiff.CLIPTokenizer.from_default()
     with tempfile.TemporaryDirectory() as folder:  # the same vocabulary, read by transformers' tokenizer
         tokenizer.save_pretrained(folder)

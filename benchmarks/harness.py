@@ -11,9 +11,8 @@
   kernel's resident-memory high-water mark is reset to the current size (write "5" to ``/proc/self/clear_refs``,
   see proc(5)), the call runs, and ``VmHWM`` minus ``VmRSS`` before the call is read from ``/proc/self/status``.
   Weights and inputs are resident before the call, so this is activations plus workspaces (Linux only, else None).
-- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on the diffusers call (matmul, conv and attention FLOPs;
-  elementwise ops are not counted), on fake tensors when the call allows it, else on a real call. CPU SDPA kernels
-  get the formula torch uses for its GPU SDPA kernels.
+- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` during one extra diffusers call per case (matmul, conv and
+  attention FLOPs; elementwise ops are not counted). CPU SDPA kernels get the formula torch uses for its GPU ones.
 - Machine peak: the best GFLOP/s of an n x n matmul in each dtype, measured at the start of the same run; a row's
   "% peak" is minidiff's GFLOP/s over that number.
 """
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from minidiff import ops
@@ -148,13 +146,9 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float | None:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call: on fake tensors (shapes only, fast) when possible, else by running it."""
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
-            fn()
-    except Exception:  # calls that need real values (numpy conversion, data-dependent shapes) run for real
-        with FlopCounterMode(display=False) as counter:
-            fn()
+    """FLOPs of one call of ``fn``, counted while it runs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
