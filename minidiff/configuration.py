@@ -35,6 +35,10 @@ class Config(Mapping):
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields the caller set; the others hold defaults (diffusers' ``_use_default_values``)."""
+        return getattr(self, "_explicit", frozenset(self.field_names()))
+
     def to_dict(self) -> dict[str, Any]:
         return {name: _jsonable(getattr(self, name)) for name in self.field_names()}
 
@@ -62,11 +66,15 @@ def build_config(config_class: type[Config], owner: str, kwargs: dict[str, Any])
         raise ValueError(
             f"{owner} got unknown config option(s) {unknown}; accepted options: {sorted(known)}"
         )
-    return config_class(**kwargs)
+    config = config_class(**kwargs)
+    object.__setattr__(config, "_explicit", frozenset(kwargs))
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """Accept a minidiff Config, a diffusers FrozenDict/dict, or any mapping; return a plain dict."""
+    """Accept a minidiff Config, a diffusers FrozenDict/dict, or any mapping; return a plain dict of the values that
+    were set explicitly. As in diffusers, values that only held their class's default (listed in
+    ``_use_default_values``) are left out, so the receiving class applies its own defaults."""
     if config is None:
         raise ValueError("from_config needs a config (a dict, a minidiff config or a diffusers config)")
     if not isinstance(config, Mapping):
@@ -74,7 +82,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             f"from_config expects a mapping such as scheduler.config, got {type(config).__name__}; "
             "to load from a folder use from_pretrained(folder)"
         )
-    return dict(config.items())
+    if isinstance(config, Config):
+        return {key: value for key, value in config.items() if key in config.explicit_fields()}
+    defaults = set(config.get("_use_default_values", ()))
+    return {key: value for key, value in config.items() if key not in defaults and key != "_use_default_values"}
 
 
 class ConfigMixin:

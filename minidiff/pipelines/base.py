@@ -99,17 +99,19 @@ class DiffusionPipeline:
             )
         with open(index_path, encoding="utf-8") as handle:
             index = json.load(handle)
-        components = {}
+        classes = {}  # check every entry before loading anything
         for name in cls.component_names:
-            if name in overrides:
-                components[name] = overrides.pop(name)
-                continue
             entry = index.get(name)
+            if name in overrides:
+                continue
             if not entry or entry[1] is None:
                 if name in cls.optional_components:
                     continue
                 raise ValueError(f"{index_path} has no entry for the {name!r} component {cls.__name__} needs")
-            components[name] = _load_component(name, entry[1], folder, torch_dtype, variant)
+            classes[name] = component_class(name, entry[1])
+        components = {name: overrides.pop(name) for name in cls.component_names if name in overrides}
+        for name, component_cls in classes.items():
+            components[name] = _load_component(name, component_cls, folder, torch_dtype, variant)
         if overrides:
             raise TypeError(f"unknown components {sorted(overrides)}; {cls.__name__} has {list(cls.component_names)}")
         return cls(**components)
@@ -132,8 +134,7 @@ class DiffusionPipeline:
             json.dump(index, handle, indent=2)
 
 
-def _load_component(name: str, class_name: str, folder: str, torch_dtype, variant):
-    cls = component_class(name, class_name)
+def _load_component(name: str, cls: type, folder: str, torch_dtype, variant):
     if name in ("tokenizer", "scheduler"):
         return cls.from_pretrained(folder, subfolder=name)
     return cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)

@@ -56,15 +56,12 @@ class StableDiffusionBase(DiffusionPipeline):
                 raise TypeError(f"{type(self).__name__} got an unexpected component {name!r}")
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "scheduler" and value is not None:
-            self._normalize_scheduler_config(value)
+        self._normalize_scheduler_config(scheduler)
 
     @staticmethod
     def _normalize_scheduler_config(scheduler) -> None:
-        """As diffusers' pipelines do: old configs with steps_offset != 1 or clip_sample=True are corrected."""
+        """As diffusers' pipelines do on construction: old configs with steps_offset != 1 or clip_sample=True are
+        corrected (a scheduler assigned later is used as it is, as in diffusers)."""
         config = scheduler.config
         if getattr(config, "steps_offset", 1) != 1:
             config.steps_offset = 1
