@@ -157,7 +157,7 @@ def test_inversion_reconstructs_latents_and_improves_with_steps():
         inverted = inversion.invert(latents=latents, prompt="a red circle", num_inference_steps=steps)
         back = inversion.sample(inverted, "a red circle", start_step=0, output_type="latent").images
         errors[steps] = float((back - latents).abs().max() / latents.abs().max())
-    assert errors[100] < 0.02 and errors[100] < errors[10] / 4, errors
+    assert errors[100] < 0.03 and errors[100] < errors[10] / 4, errors
     with pytest.raises(ValueError, match=r"start_step must be in \[0, 99\]"):
         inversion.sample(inverted, "x", start_step=100)
     with pytest.raises(ValueError, match="exactly one of image or latents"):
