@@ -41,7 +41,9 @@ def measure(actual, expected) -> tuple[float, float]:
     if a.size == 0:
         return 0.0, 0.0
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        same_nonfinite = np.array_equal(np.isfinite(a), np.isfinite(b)) and np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)])
+        same_nonfinite = np.array_equal(np.isfinite(a), np.isfinite(b)) and np.array_equal(
+            a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True
+        )  # NaN/inf where the reference has them too (e.g. diffusers' own 0/0) is agreement
         if not same_nonfinite:
             return float("inf"), float("inf")
         a, b = a[np.isfinite(a)], b[np.isfinite(b)]

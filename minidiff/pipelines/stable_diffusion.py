@@ -8,8 +8,6 @@ draw the starting latents, call the UNet with classifier-free guidance, decode l
 from __future__ import annotations
 
 import inspect
-import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,7 +19,6 @@ from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.pipelines.images import OUTPUT_TYPES, postprocess
 from minidiff.random import randn_tensor
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,14 +76,6 @@ class StableDiffusionBase(DiffusionPipeline):
         hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
         return self.text_encoder.final_layer_norm(hidden[-(clip_skip + 1)])
 
-    def _warn_if_truncated(self, texts: list[str]) -> None:
-        limit = self.tokenizer.model_max_length
-        for text in texts:
-            ids = self.tokenizer(text, padding=False, truncation=False)["input_ids"]
-            if len(ids) > limit:
-                cut = self.tokenizer.decode(ids[limit - 1 : -1])
-                warnings.warn(f"prompt longer than {limit} CLIP tokens; this part was cut: {cut!r}", stacklevel=3)
-
     def encode_prompt(
         self,
         prompt,
@@ -103,8 +92,7 @@ class StableDiffusionBase(DiffusionPipeline):
         batch = prompt_batch(prompt, prompt_embeds)
         max_length = self.tokenizer.model_max_length
         if prompt_embeds is None:
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            self._warn_if_truncated(texts)
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)  # the tokenizer warns about what it cuts
             prompt_embeds = self._embed(texts, max_length, clip_skip, device)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
