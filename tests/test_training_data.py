@@ -4,7 +4,6 @@ seeded batch order that makes runs resumable and independent of the number of pr
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -58,7 +57,8 @@ def test_classes_from_subfolders_and_captions(tmp_path):
     (lambda p: None, FileNotFoundError, "does not exist"),
     (lambda p: p.mkdir(), ValueError, "no images in"),
     (lambda p: (p.mkdir(), (p / "notes.txt").write_text("hi")), ValueError, "no images in"),
-    (lambda p: (p.mkdir(), (p / "broken.png").write_bytes(b"not a png")), ValueError, "cannot read image file .*broken.png"),
+    (lambda p: (p.mkdir(), (p / "broken.png").write_bytes(b"not a png")), ValueError,
+     "cannot read image file .*broken.png"),
     (lambda p: p.write_text("x"), ValueError, "is a file"),
 ], ids=["missing", "empty", "no-images", "unreadable", "file"])
 def test_bad_folders(tmp_path, setup, error, match):

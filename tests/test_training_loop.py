@@ -178,6 +178,18 @@ def test_class_conditional_from_an_image_folder(tmp_path):
     assert out.shape == (2, 3, 8, 8)
 
 
+def test_a_dataset_object_and_any_alpha_bar_scheduler_for_noising(tmp_path):
+    """DDIM's and PNDM's add_noise is DDPM's forward process: same betas, same losses."""
+    dataset = [{"pixel_values": torch.rand(3, 8, 8) * 2 - 1, "class_label": i % 2, "caption": ""} for i in range(8)]
+    ddpm = train(tiny_config(tmp_path / "ddpm", num_sample_images=0), dataset=dataset)
+    for name in ("ddim", "pndm"):
+        assert train(tiny_config(tmp_path / name, noise_scheduler=name, num_sample_images=0), dataset=dataset) == ddpm
+    with pytest.raises(ValueError, match=r"'pixel_values' are \(3, 8, 8\) tensors .* first has shape \(3, 4, 4\)"):
+        train(tiny_config(tmp_path / "bad"), dataset=[{"pixel_values": torch.zeros(3, 4, 4)}])
+    with pytest.raises(ValueError, match="needs the number of classes: list has no int attribute num_classes"):
+        train(tiny_config(tmp_path / "labels", class_conditional=True), dataset=dataset)
+
+
 def test_fine_tunes_a_pretrained_pixel_model(tmp_path):
     """The face-to-butterfly recipe: start from a diffusers DDPM folder, keep its schedule, train on new images."""
     torch.manual_seed(0)

@@ -147,6 +147,10 @@ class ImageFolderDataset:
                              "to metadata.jsonl or write a .txt file beside each image")
         return captions
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
     def __len__(self) -> int:
         return len(self.files)
 

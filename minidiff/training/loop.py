@@ -72,10 +72,10 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.AdamW:
 class Trainer:
     """One run: the task (models, data), optimizer, EMA and bookkeeping; ``run()`` trains to ``max_train_steps``."""
 
-    def __init__(self, config: TrainConfig, dist: Distributed):
+    def __init__(self, config: TrainConfig, dist: Distributed, dataset=None):
         self.config, self.dist = config.check(), dist
         self.resume_from = self._check_output_dir()
-        self.task, self.dataset = build_task(config, dist.device)
+        self.task, self.dataset = build_task(config, dist.device, dataset)
         self.global_batch = config.train_batch_size * config.gradient_accumulation_steps * dist.world_size
         global_batch_indices(len(self.dataset), self.global_batch, 0, config.seed)  # fails early if too large
         self.unet = self.task.unet
@@ -219,10 +219,12 @@ class Trainer:
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def train(config: TrainConfig) -> list[float]:
-    """Train as ``config`` says (alone, or as one process of a torchrun job); returns the per-step losses."""
+def train(config: TrainConfig, dataset=None) -> list[float]:
+    """Train as ``config`` says (alone, or as one process of a torchrun job); returns the per-step losses.
+    ``dataset``: your own examples instead of ``train_data_dir`` (see ``tasks.build_task``); pass the same one
+    again to resume."""
     dist = init_distributed()
     try:
-        return Trainer(config, dist).run()
+        return Trainer(config, dist, dataset).run()
     finally:
         shutdown_distributed()

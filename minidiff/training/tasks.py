@@ -140,7 +140,15 @@ def load_pretrained(folder: str):
                             "config.json (a UNet2DModel folder)")
 
 
-def make_dataset(config: TrainConfig, resolution: int, channels: int, with_captions: bool = False):
+def make_dataset(config: TrainConfig, resolution: int, channels: int, with_captions: bool = False, dataset=None):
+    """``dataset`` if given (checked), else ``train_data_dir``'s images, else the synthetic shapes."""
+    if dataset is not None:
+        pixels = dataset[0]["pixel_values"] if len(dataset) else None
+        if pixels is None or tuple(pixels.shape) != (channels, resolution, resolution):
+            raise ValueError(f"dataset examples must be dicts whose 'pixel_values' are ({channels}, {resolution}, "
+                             f"{resolution}) tensors in [-1, 1]; the first has shape "
+                             f"{None if pixels is None else tuple(pixels.shape)}")
+        return dataset
     if config.train_data_dir is None:
         return SyntheticShapes(config.synthetic_images, resolution, channels, seed=config.seed)
     return ImageFolderDataset(config.train_data_dir, resolution, channels, with_labels=config.class_conditional,
@@ -148,21 +156,25 @@ def make_dataset(config: TrainConfig, resolution: int, channels: int, with_capti
 
 
 def dataset_classes(dataset) -> int:
-    return len(dataset.classes) if isinstance(dataset, ImageFolderDataset) else dataset.num_classes
+    if not isinstance(getattr(dataset, "num_classes", None), int):
+        raise ValueError(f"class-conditional training needs the number of classes: {type(dataset).__name__} "
+                         "has no int attribute num_classes")
+    return dataset.num_classes
 
 
-def build_task(config: TrainConfig, device: torch.device):
-    """(task, dataset) for ``config``; the UNet is on ``device`` in train mode."""
+def build_task(config: TrainConfig, device: torch.device, dataset=None):
+    """(task, dataset) for ``config``; the UNet is on ``device`` in train mode. ``dataset`` (any object with
+    ``len`` and ``[i]`` -> ``{"pixel_values", "class_label", "caption"}``) replaces ``train_data_dir``."""
     pretrained = load_pretrained(config.pretrained_model) if config.pretrained_model else None
     if isinstance(pretrained, minidiff.StableDiffusionPipeline):
-        return _latent_text_task(config, pretrained, device)
+        return _latent_text_task(config, pretrained, device, dataset)
     unet = getattr(pretrained, "unet", pretrained)
     pretrained_scheduler = getattr(pretrained, "scheduler", None)
     resolution = config.resolution or (unet.config.sample_size if unet is not None else 32)
     channels = unet.config.in_channels if unet is not None else 3
     if unet is not None:
         _check_pretrained_unet(config, unet, resolution)
-    dataset = make_dataset(config, resolution, channels)
+    dataset = make_dataset(config, resolution, channels, dataset=dataset)
     num_classes = dataset_classes(dataset) if config.class_conditional else None
     if unet is None:
         levels = len(config.block_out_channels)
@@ -190,7 +202,7 @@ def _check_pretrained_unet(config: TrainConfig, unet, resolution: int) -> None:
                          f"{unet.config.num_class_embeds}); set class_conditional={conditional}")
 
 
-def _latent_text_task(config: TrainConfig, pipe, device: torch.device):
+def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=None):
     if config.class_conditional:
         raise ValueError("class_conditional applies to pixel-space UNet2DModel training; a Stable Diffusion "
                          "pipeline is conditioned on captions")
@@ -198,7 +210,7 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device):
     resolution = config.resolution or pipe.unet.config.sample_size * factor
     if resolution % factor:
         raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
-    dataset = make_dataset(config, resolution, 3, with_captions=True)
+    dataset = make_dataset(config, resolution, 3, with_captions=True, dataset=dataset)
     prompts = [dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
     pipe.scheduler = noise_scheduler(config, pipe.scheduler.config)
     pipe.to(device)
