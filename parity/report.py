@@ -87,3 +87,17 @@ def markdown_table(records=None) -> str:
         status = "pass" if r.passed else "FAIL"
         lines.append(f"| {r.component} | {r.case} | {r.max_abs:.2e} | {r.max_rel:.2e} | {r.tolerance:g} ({r.metric}) | {r.count} | {status} |")
     return "\n".join(lines)
+
+
+def component_summary(records=None) -> str:
+    """One row per component: number of cases and checks, worst relative and absolute error, overall status."""
+    by_component: dict[str, list[Record]] = {}
+    for record in (records or RECORDS).values():
+        by_component.setdefault(record.component, []).append(record)
+    lines = ["| component | cases | checks | worst max_rel | worst max_abs | status |", "|---|---|---|---|---|---|"]
+    for component in sorted(by_component):
+        rows = by_component[component]
+        status = "pass" if all(r.passed for r in rows) else f"FAIL ({sum(not r.passed for r in rows)})"
+        lines.append(f"| {component} | {len(rows)} | {sum(r.count for r in rows)} | "
+                     f"{max(r.max_rel for r in rows):.1e} | {max(r.max_abs for r in rows):.1e} | {status} |")
+    return "\n".join(lines)
