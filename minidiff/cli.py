@@ -1,4 +1,5 @@
-"""`minidiff generate|img2img|inpaint|edit`: run a pipeline from the shell and say what happened, stage by stage."""
+"""`minidiff generate|img2img|inpaint|edit|train`: run a pipeline (or a training run) from the shell and say what
+happened, stage by stage."""
 
 from __future__ import annotations
 
