@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+import diffusers
 import torch
 
 from benchmarks.cases import LEVELS, all_cases
@@ -58,6 +59,7 @@ def load_kernels(modules: list[str]) -> dict[str, tuple[str, ...]]:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    diffusers.utils.logging.set_verbosity_error()  # e.g. its note on every `.to(bfloat16)` of a model
     added = load_kernels(args.kernel)
     for backend in args.backends or ():
         if backend not in ops.available_backends("attention"):

@@ -61,6 +61,8 @@ TINY_CLIP = dict(CLIP_L, hidden_size=32, intermediate_size=37, num_hidden_layers
 BUTTERFLY = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(64, 128, 128, 256),
                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's scheduler config
 TINY_BUTTERFLY = dict(BUTTERFLY, sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=1)
 
 
@@ -192,9 +194,9 @@ def stable_diffusion_pair(unet: dict, vae: dict, clip: dict, pixels: int, steps:
         reference_tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
     reference = diffusers.StableDiffusionPipeline(
         vae=vaes[0], text_encoder=texts[0], tokenizer=reference_tokenizer, unet=unets[0],
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=diffusers.DDIMScheduler(**SD_DDIM), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ours = minidiff.StableDiffusionPipeline(vae=vaes[1], text_encoder=texts[1], tokenizer=tokenizer, unet=unets[1],
-                                            scheduler=minidiff.DDIMScheduler())
+                                            scheduler=minidiff.DDIMScheduler(**SD_DDIM))
     options = dict(prompt="a photograph of an astronaut riding a horse", height=pixels, width=pixels,
                    num_inference_steps=steps)
     return Pair(sampling_call(ours, options), sampling_call(reference, options))

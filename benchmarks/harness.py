@@ -113,7 +113,7 @@ def interleaved_medians(first: Callable, second: Callable, repeats: int) -> tupl
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, n: int, repeats: int = 10) -> float:
     """This machine's matmul throughput: best of ``repeats`` (n, n) @ (n, n) products, 2 n^3 FLOPs each."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
