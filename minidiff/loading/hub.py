@@ -56,4 +56,4 @@ def resolve_folder(name_or_path: str | os.PathLike) -> str:
             "minidiff does not download: fetch it once with `huggingface-cli download "
             f"{path}` (or save it with diffusers' save_pretrained) and pass the local folder."
         )
-    raise FileNotFoundError(f"{path} does not exist: pass a local diffusers folder (with config.json) or a hub id in the local cache")
+    raise FileNotFoundError(f"{path} does not exist: pass a local diffusers folder or a hub id that is in the local Hugging Face cache")
