@@ -65,6 +65,19 @@ def check_lengths(config: Config, *names: str) -> None:
             )
 
 
+def check_common_config(config: Config) -> None:
+    """The checks both UNets' configs need: resnet options, activation, groups, one block type per level."""
+    check_choice("resnet_time_scale_shift", config.resnet_time_scale_shift, ("default", "scale_shift"))
+    get_activation(config.act_fn)
+    if not isinstance(config.norm_num_groups, int):
+        raise ValueError(f"norm_num_groups must be an int, got {config.norm_num_groups!r}")
+    down, up, channels = (list(getattr(config, name)) for name in ("down_block_types", "up_block_types",
+                                                                     "block_out_channels"))
+    if not len(down) == len(up) == len(channels):
+        raise ValueError(f"down_block_types {down}, up_block_types {up} and block_out_channels {channels} "
+                         "must have the same length")
+
+
 class UNetBase(AttentionBackendMixin, ModelMixin):
     """What UNet2DModel and UNet2DConditionModel share: input checks, class embedding, the U and the output head."""
 
@@ -201,18 +214,10 @@ class UNet2DModel(UNetBase):
         check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2D", None))
         check_choice("downsample_type", c.downsample_type, SAMPLER_TYPES)
         check_choice("upsample_type", c.upsample_type, SAMPLER_TYPES)
-        check_choice("resnet_time_scale_shift", c.resnet_time_scale_shift, ("default", "scale_shift"))
         check_choice("class_embed_type", c.class_embed_type, (None, "timestep", "identity"))
-        get_activation(c.act_fn)
         if c.time_embedding_type == "learned" and c.num_train_timesteps is None:
             raise ValueError("time_embedding_type='learned' needs num_train_timesteps")
-        if not isinstance(c.norm_num_groups, int):
-            raise ValueError(f"norm_num_groups must be an int, got {c.norm_num_groups!r}")
-        if len(c.down_block_types) != len(c.up_block_types) or len(c.block_out_channels) != len(c.down_block_types):
-            raise ValueError(
-                f"down_block_types {list(c.down_block_types)}, up_block_types {list(c.up_block_types)} and "
-                f"block_out_channels {list(c.block_out_channels)} must have the same length"
-            )
+        check_common_config(c)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True) -> UNet2DOutput | tuple:

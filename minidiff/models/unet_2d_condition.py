@@ -20,7 +20,7 @@ from torch import nn
 from minidiff.configuration import Config, check_choice
 from minidiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, make_class_embedding
 from minidiff.models.resnet import get_activation
-from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_lengths
+from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_common_config, check_lengths
 from minidiff.models.unet_blocks import CrossAttentionOptions, ResnetOptions, UNetMidBlock2D, UNetMidBlock2DCrossAttn
 from minidiff.outputs import BaseOutput
 
@@ -188,17 +188,10 @@ class UNet2DConditionModel(UNetBase):
                 )
         check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
         check_choice("time_embedding_type", c.time_embedding_type, ("positional", "fourier"))
-        check_choice("resnet_time_scale_shift", c.resnet_time_scale_shift, ("default", "scale_shift"))
-        for name in ("act_fn", "time_embedding_act_fn", "timestep_post_act"):
+        for name in ("time_embedding_act_fn", "timestep_post_act"):
             if getattr(c, name) is not None:
                 get_activation(getattr(c, name))
-        if not isinstance(c.norm_num_groups, int):
-            raise ValueError(f"norm_num_groups must be an int, got {c.norm_num_groups!r}")
-        if len(c.down_block_types) != len(c.up_block_types) or len(c.block_out_channels) != len(c.down_block_types):
-            raise ValueError(
-                f"down_block_types {list(c.down_block_types)}, up_block_types {list(c.up_block_types)} and "
-                f"block_out_channels {list(c.block_out_channels)} must have the same length"
-            )
+        check_common_config(c)
         check_lengths(c, "only_cross_attention", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
                       "layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block")
         depths = c.transformer_layers_per_block

@@ -98,6 +98,17 @@ def pixel_self_attention(channels: int, head_dim: int | None, groups: int | None
 AttentionFactory = Callable[[int], nn.Module]
 
 
+def pixel_attentions(channels: int, head_dim: int | None, resnet: ResnetOptions,
+                     groups: int | None) -> AttentionFactory:
+    """One ``pixel_self_attention`` per layer (eps and output scale shared with the resnets)."""
+    return lambda _: pixel_self_attention(channels, head_dim, groups, resnet.eps, resnet.output_scale_factor)
+
+
+def transformers(channels: int, cross: CrossAttentionOptions, resnet: ResnetOptions) -> AttentionFactory:
+    """One Transformer2DModel per layer (GroupNorm groups shared with the resnets)."""
+    return lambda layer: cross.transformer(channels, resnet.groups, layer)
+
+
 class _ResnetStack(nn.Module):
     """Shared by all blocks: ``resnets``, optional ``attentions`` (one per layer) and how to call an attention."""
 
@@ -166,8 +177,7 @@ class AttnDownBlock2D(DownBlock2D):
                  downsample: str | None = "conv", downsample_padding: int = 1):
         super().__init__(
             in_channels, out_channels, num_layers, resnet, downsample, downsample_padding,
-            lambda _: pixel_self_attention(out_channels, attention_head_dim, resnet.groups, resnet.eps,
-                                           resnet.output_scale_factor),
+            pixel_attentions(out_channels, attention_head_dim, resnet, resnet.groups),
         )
 
 
@@ -180,7 +190,7 @@ class CrossAttnDownBlock2D(DownBlock2D):
                  add_downsample: bool = True, downsample_padding: int = 1):
         super().__init__(
             in_channels, out_channels, num_layers, resnet, "conv" if add_downsample else None, downsample_padding,
-            lambda layer: cross.transformer(out_channels, resnet.groups, layer),
+            transformers(out_channels, cross, resnet),
         )
 
 
@@ -243,8 +253,7 @@ class AttnUpBlock2D(UpBlock2D):
                  attention_head_dim: int | None, upsample: str | None = "conv"):
         super().__init__(
             in_channels, prev_output_channel, out_channels, num_layers, resnet, upsample,
-            lambda _: pixel_self_attention(out_channels, attention_head_dim, resnet.groups, resnet.eps,
-                                           resnet.output_scale_factor),
+            pixel_attentions(out_channels, attention_head_dim, resnet, resnet.groups),
         )
 
 
@@ -257,7 +266,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
                  cross: CrossAttentionOptions, add_upsample: bool = True):
         super().__init__(
             in_channels, prev_output_channel, out_channels, num_layers, resnet, "conv" if add_upsample else None,
-            lambda layer: cross.transformer(out_channels, resnet.groups, layer),
+            transformers(out_channels, cross, resnet),
         )
 
 
@@ -285,9 +294,7 @@ class UNetMidBlock2D(_ResnetStack):
         if make_attention is None and add_attention:
             if attn_groups is None and resnet.time_scale_shift == "default":
                 attn_groups = resnet.groups
-            make_attention = lambda _: pixel_self_attention(  # noqa: E731
-                in_channels, attention_head_dim, attn_groups, resnet.eps, resnet.output_scale_factor
-            )
+            make_attention = pixel_attentions(in_channels, attention_head_dim, resnet, attn_groups)
         self.resnets = nn.ModuleList(resnet.block(in_channels, in_channels) for _ in range(num_layers + 1))
         self._build_attentions(make_attention, num_layers)
 
@@ -308,7 +315,7 @@ class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
     def __init__(self, in_channels: int, resnet: ResnetOptions, cross: CrossAttentionOptions, num_layers: int = 1):
         cross = dataclasses.replace(cross, only_cross_attention=False)
         super().__init__(in_channels, resnet, num_layers=num_layers,
-                         make_attention=lambda layer: cross.transformer(in_channels, resnet.groups, layer))
+                         make_attention=transformers(in_channels, cross, resnet))
 
 
 def _strip_prefix(block_type: str) -> str:
