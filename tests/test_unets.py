@@ -96,8 +96,10 @@ def test_encoder_hidden_states_errors(unet):
         unet(sample, 1, torch.randn(1, 5, 12))
     with pytest.raises(ValueError, match=r"pass encoder_hidden_states of shape \(B, tokens, 12\)"):
         unet(sample, 1)
-    with pytest.raises(ValueError, match=r"cross_attention_kwargs \['scale'\] are not supported"):
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs=\['scale'\] is not supported"):
         unet(sample, 1, torch.randn(2, 5, 12), cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match=r"timestep_cond=Tensor is not supported"):
+        unet(sample, 1, torch.randn(2, 5, 12), timestep_cond=torch.zeros(2, 4))
 
 
 def test_class_label_errors():
@@ -126,6 +128,10 @@ def test_output_container_and_tuple(unet):
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     assert out.sample.shape == sample.shape and out[0] is out.sample is out["sample"]
     (unpacked,) = out
+    with torch.no_grad():  # the keyword arguments diffusers' pipelines pass (all None for SD 1/2)
+        diffusers_style = unet(sample, 10, encoder_hidden_states=text, timestep_cond=None, cross_attention_kwargs=None,
+                               added_cond_kwargs=None, return_dict=False)[0]
+    torch.testing.assert_close(diffusers_style, out.sample, rtol=0, atol=0)
     torch.testing.assert_close(unpacked, as_tuple[0], rtol=0, atol=0)
     plain = UNet2DModel(**PLAIN).eval()
     x = torch.randn(2, 3, 16, 16)

@@ -222,14 +222,19 @@ class UNet2DConditionModel(UNetBase):
         class_labels: torch.Tensor | None = None,
         *,
         return_dict: bool = True,
+        timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
     ) -> UNet2DConditionOutput | tuple:
         """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
         ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
-        ``cross_attention_kwargs`` is accepted for diffusers call compatibility and must be empty."""
-        if cross_attention_kwargs:
-            raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported "
-                             "(minidiff has no attention processors / LoRA scales); pass None")
+        ``timestep_cond``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` are accepted so that diffusers'
+        pipeline code calls this UNet unchanged; they must be None or empty (no LCM / LoRA scale / SDXL inputs)."""
+        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
+                            ("added_cond_kwargs", added_cond_kwargs)):
+            if value is not None and not (isinstance(value, dict) and not value):
+                shown = sorted(value) if isinstance(value, dict) else type(value).__name__
+                raise ValueError(f"{name}={shown} is not supported by minidiff's UNet2DConditionModel; pass None")
         self._check_sample(sample)
         self._check_encoder_hidden_states(sample, encoder_hidden_states)
         c = self.config
