@@ -1,0 +1,263 @@
+"""Captioned shapes: the procedural dataset the built-in model (``minidiff/weights/tiny-shapes``) was trained on.
+
+Every image is one flat shape on a flat background, drawn from a :class:`Scene` - a colour, a shape, a size, a
+position and a background colour - and captioned in a small fixed grammar that names the colour and the shape and,
+at random, any of the other three::
+
+    a red circle on a blue background
+    a small yellow square in the top left
+    a big green triangle at the bottom on a black background
+
+Attributes the caption leaves out are still drawn at random, so a prompt that names fewer of them gets any of the
+rest. Nothing is downloaded: the same seed always gives the same scenes, pixels and captions.
+
+Some (shape colour, background colour) pairs are held out (:data:`HELD_OUT_PAIRS`): no training image shows them,
+so prompts naming them test whether the model composes what it learned. :func:`read_scene` measures a scene back
+from pixels with plain colour statistics, independent of any model; the tests and ``scripts/builtin/evaluate.py``
+use it to check that generated images show what their prompts name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+COLOURS = {
+    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 50), "green": (40, 160, 60),
+    "blue": (40, 80, 220), "purple": (140, 60, 190), "white": (240, 240, 240), "black": (25, 25, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.12, "big": 0.22}  # half the shape's width, as a fraction of the image side
+POSITIONS = {  # name -> (phrase, centre (x, y) as fractions of the image side)
+    "top left": ("in the top left", (0.27, 0.27)), "top": ("at the top", (0.5, 0.27)),
+    "top right": ("in the top right", (0.73, 0.27)), "left": ("on the left", (0.27, 0.5)),
+    "center": ("in the center", (0.5, 0.5)), "right": ("on the right", (0.73, 0.5)),
+    "bottom left": ("in the bottom left", (0.27, 0.73)), "bottom": ("at the bottom", (0.5, 0.73)),
+    "bottom right": ("in the bottom right", (0.73, 0.73)),
+}
+# (shape colour, background colour) pairs no training image shows; each colour once on each side
+HELD_OUT_PAIRS = (("red", "green"), ("orange", "purple"), ("yellow", "blue"), ("green", "black"),
+                  ("blue", "white"), ("purple", "yellow"), ("white", "orange"), ("black", "red"))
+MENTION_PROBABILITY = {"size": 0.5, "position": 0.6, "background": 0.6}  # colour and shape are always named
+COLOUR_JITTER = 12  # each image's colours vary by up to this much per RGB channel
+POSITION_JITTER = 0.03  # and its centre by up to this fraction of the side
+SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; ``caption`` says it in the dataset's grammar, naming the optional parts asked for."""
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+    background: str
+
+    def caption(self, size: bool = True, position: bool = True, background: bool = True) -> str:
+        words = [*([self.size] if size else []), self.colour, self.shape]
+        words.insert(0, article(words[0]))
+        if position:
+            words.append(POSITIONS[self.position][0])
+        if background:
+            words.append(f"on {article(self.background)} {self.background} background")
+        return " ".join(words)
+
+    def random_caption(self, rng: np.random.Generator) -> str:
+        """A caption naming each optional attribute with its :data:`MENTION_PROBABILITY`."""
+        mention = {name: rng.random() < p for name, p in MENTION_PROBABILITY.items()}
+        return self.caption(**mention)
+
+
+def random_scene(rng: np.random.Generator, exclude: tuple[tuple[str, str], ...] = HELD_OUT_PAIRS) -> Scene:
+    """A uniformly drawn scene whose shape and background colours differ and are not an ``exclude`` pair."""
+    colours = list(COLOURS)
+    while True:
+        colour, background = (colours[i] for i in rng.choice(len(colours), size=2, replace=False))
+        if (colour, background) not in exclude:
+            break
+    return Scene(colour, SHAPES[rng.integers(len(SHAPES))], list(SIZES)[rng.integers(len(SIZES))],
+                 list(POSITIONS)[rng.integers(len(POSITIONS))], background)
+
+
+def shape_alpha(shape: str, centre: tuple[float, float], radius: float, resolution: int) -> np.ndarray:
+    """Coverage in [0, 1] of each pixel by ``shape`` (centre and half-width in pixels): drawn at 4x, box-filtered.
+    Circles and squares are centred on ``centre``; the upward triangle fills the same box."""
+    big = resolution * SUPERSAMPLE
+    canvas = PIL.Image.new("L", (big, big), 0)
+    cx, cy, r = centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE, radius * SUPERSAMPLE
+    draw = PIL.ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
+    return np.asarray(canvas.resize((resolution, resolution), resample=PIL.Image.BOX), dtype=np.float32) / 255.0
+
+
+def render(scene: Scene, resolution: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The scene as a (resolution, resolution, 3) uint8 image; ``rng`` jitters colours and position (else none)."""
+
+    def colour(name: str) -> np.ndarray:
+        offset = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3) if rng is not None else 0
+        return np.clip(np.array(COLOURS[name]) + offset, 0, 255).astype(np.float32)
+
+    background, foreground = colour(scene.background), colour(scene.colour)
+    centre = np.array(POSITIONS[scene.position][1])
+    if rng is not None:
+        centre = centre + rng.uniform(-POSITION_JITTER, POSITION_JITTER, 2)
+    alpha = shape_alpha(scene.shape, tuple(centre * resolution), SIZES[scene.size] * resolution, resolution)
+    image = background + alpha[..., None] * (foreground - background)  # (H, W, 3)
+    return image.round().astype(np.uint8)
+
+
+class CaptionedShapes:
+    """``num_images`` seeded scenes (held-out pairs excluded) rendered at ``resolution``; ``dataset[i]`` is
+    ``{"pixel_values": (3, H, W) in [-1, 1], "class_label": 0, "caption": str}`` like minidiff's other datasets,
+    with the caption drawn once per image; :meth:`caption` draws a fresh one from any generator."""
+
+    def __init__(self, num_images: int = 20000, resolution: int = 32, seed: int = 0):
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        rng = np.random.default_rng(seed)
+        self.scenes = [random_scene(rng) for _ in range(num_images)]
+        self.images = np.stack([render(scene, resolution, rng) for scene in self.scenes])  # (N, H, W, 3) uint8
+        self.captions = [scene.random_caption(rng) for scene in self.scenes]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def pixel_values(self, indices) -> torch.Tensor:
+        """Images ``indices`` as a (B, 3, H, W) float tensor in [-1, 1]."""
+        pixels = torch.from_numpy(self.images[np.asarray(indices)]).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        return pixels.float() / 127.5 - 1.0
+
+    def caption(self, index: int, rng: np.random.Generator) -> str:
+        return self.scenes[index].random_caption(rng)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.pixel_values([index])[0], "class_label": 0, "caption": self.captions[index]}
+
+
+# ---- prompts and pixels back to attributes ------------------------------------------------------------------------
+_PROMPT = re.compile(
+    r"^an? (?:(?P<size>{sizes}) )?(?P<colour>{colours}) (?P<shape>{shapes})"
+    r"(?: (?P<position>{positions}))?(?: on an? (?P<background>{colours}) background)?$".format(
+        sizes="|".join(SIZES), colours="|".join(COLOURS), shapes="|".join(SHAPES),
+        positions="|".join(re.escape(phrase) for phrase, _ in POSITIONS.values()),
+    )
+)
+_POSITION_OF_PHRASE = {phrase: name for name, (phrase, _) in POSITIONS.items()}
+
+
+def parse_prompt(prompt: str) -> dict[str, str] | None:
+    """The attributes a prompt in the dataset's grammar names (``{"colour": "red", "shape": "circle", ...}``), or
+    None for a prompt outside it (the model still draws something for those, see the model card)."""
+    match = _PROMPT.match(" ".join(prompt.lower().split()))
+    if match is None:
+        return None
+    named = {k: v for k, v in match.groupdict().items() if v is not None}
+    if "position" in named:
+        named["position"] = _POSITION_OF_PHRASE[named["position"]]
+    return named
+
+
+def nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    """Index into :data:`COLOURS` of the nearest palette colour (RGB distance) of each pixel of (..., 3) uint8."""
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
+    distances = np.linalg.norm(pixels[..., None, :].astype(np.float32) - palette, axis=-1)  # (..., K)
+    return distances.argmin(-1)
+
+
+def read_scene(image: np.ndarray | PIL.Image.Image) -> dict[str, Any]:
+    """Measure a scene from pixels with colour statistics and the dataset's geometry alone (no model).
+
+    1. Colours: each pixel is labelled with its nearest palette colour; the background is the commonest label on
+       the 1-pixel border, the shape's colour the commonest other label.
+    2. Coverage: each pixel's colour projected on the segment from the background's to the shape's (median) colour,
+       ``alpha = <p - bg, fg - bg> / |fg - bg|^2`` clipped to [0, 1]; ``mask`` is ``alpha > 1/2``.
+    3. Shape: for each of circle/square/triangle, the coverage of that shape with the measured area and centroid;
+       the one nearest the measured coverage (L1) wins. Its half-width gives the size (nearer of small/big, in log
+       scale) and its box centre the position (nearest grid cell).
+    Returns those attributes plus ``mask`` (H, W) bool.
+    """
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image)
+    if pixels.dtype != np.uint8:
+        pixels = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)  # float images in [0, 1]
+    side = pixels.shape[0]
+    names = list(COLOURS)
+    labels = nearest_colour(pixels)  # (H, W)
+    border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    background = np.bincount(border, minlength=len(names)).argmax()
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    counts[background] = 0
+    colour = counts.argmax()
+    scene: dict[str, Any] = {"background": names[background], "colour": names[colour]}
+    if counts[colour] == 0:  # one flat colour: no shape
+        scene["mask"] = np.zeros(labels.shape, dtype=bool)
+        return scene
+    rgb = pixels.astype(np.float32)
+    bg, fg = np.median(rgb[labels == background], axis=0), np.median(rgb[labels == colour], axis=0)
+    alpha = np.clip((rgb - bg) @ (fg - bg) / max(float((fg - bg) @ (fg - bg)), 1e-6), 0, 1)  # (H, W)
+    scene["mask"] = alpha > 0.5
+    area = alpha.sum()
+    if area < 1:
+        return scene
+    ys, xs = np.mgrid[0:side, 0:side] + 0.5
+    centroid = np.array([(alpha * xs).sum(), (alpha * ys).sum()]) / area
+    candidates = {}
+    for shape, radius, drop in (("circle", np.sqrt(area / np.pi), 0.0), ("square", np.sqrt(area) / 2, 0.0),
+                                ("triangle", np.sqrt(area / 2), 1 / 3)):  # a triangle's centroid is r/3 below centre
+        centre = centroid - np.array([0.0, drop * radius])
+        error = np.abs(shape_alpha(shape, tuple(centre), radius, side) - alpha).sum()
+        candidates[shape] = (error, radius, centre)
+    scene["shape"] = min(candidates, key=lambda shape: candidates[shape][0])
+    _, radius, centre = candidates[scene["shape"]]
+    scene["size"] = min(SIZES, key=lambda name: abs(np.log(SIZES[name] * side / radius)))
+    cells = {name: np.array(xy) * side for name, (_, xy) in POSITIONS.items()}
+    scene["position"] = min(cells, key=lambda name: np.linalg.norm(cells[name] - centre))
+    return scene
+
+
+def matches(prompt: str, image: np.ndarray | PIL.Image.Image) -> dict[str, bool]:
+    """For each attribute ``prompt`` names, whether :func:`read_scene` finds it in ``image``."""
+    named = parse_prompt(prompt)
+    if named is None:
+        raise ValueError(f"prompt {prompt!r} is not in the dataset's grammar, e.g. 'a small red circle in the top "
+                         "left on a blue background'")
+    seen = read_scene(image)
+    return {name: seen.get(name) == value for name, value in named.items()}
+
+
+def chance_of_match(prompt: str) -> float:
+    """Probability that a scene drawn uniformly at random shows everything ``prompt`` names."""
+    named = parse_prompt(prompt)
+    if named is None:
+        raise ValueError(f"prompt {prompt!r} is not in the dataset's grammar")
+    choices = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS),
+               "background": len(COLOURS) - 1}
+    return float(np.prod([1.0 / choices[name] for name in named]))
+
+
+def held_out_prompts(count: int, seed: int = 1) -> list[str]:
+    """``count`` prompts naming a held-out (colour, background) pair - combinations no training image shows -
+    cycling through :data:`HELD_OUT_PAIRS`, with a random shape and a random choice of size and position."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(count):
+        colour, background = HELD_OUT_PAIRS[i % len(HELD_OUT_PAIRS)]
+        scene = Scene(colour, SHAPES[rng.integers(len(SHAPES))], list(SIZES)[rng.integers(len(SIZES))],
+                      list(POSITIONS)[rng.integers(len(POSITIONS))], background)
+        prompts.append(scene.caption(size=rng.random() < 0.5, position=rng.random() < 0.5, background=True))
+    return prompts
