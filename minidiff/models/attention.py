@@ -87,13 +87,13 @@ class Attention(nn.Module):
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if context.shape[-1] != self.cross_attention_dim:
-            raise ValueError(
-                f"attention keys/values need {self.cross_attention_dim} features per token, got shape {tuple(context.shape)}"
-            )
+            raise ValueError(f"attention keys/values need {self.cross_attention_dim} features per token, "
+                             f"got shape {tuple(context.shape)}")
         q = rearrange(self.to_q(hidden_states), "b n (h d) -> b h n d", h=self.heads)  # (B, N, h*d) -> (B, h, N, d)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # (B, M, h*d) -> (B, h, M, d)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
-        out = ops.attention(q, k, v, scale=self.scale, upcast=self.upcast, backend=self.backend, chunk_size=self.chunk_size)
+        out = ops.attention(q, k, v, scale=self.scale, upcast=self.upcast, backend=self.backend,
+                            chunk_size=self.chunk_size)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, h, N, d) -> (B, N, h*d)
         out = self.to_out[1](self.to_out[0](out))  # (B, N, h*d) -> (B, N, C)
 
@@ -196,9 +196,8 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         if inner_dim < 1:
-            raise ValueError(
-                f"{in_channels} channels split into {num_attention_heads} heads leave attention_head_dim={attention_head_dim}"
-            )
+            raise ValueError(f"{in_channels} channels split into {num_attention_heads} heads leave "
+                             f"attention_head_dim={attention_head_dim}")
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         projection = nn.Linear if use_linear_projection else lambda i, o: nn.Conv2d(i, o, kernel_size=1)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from minidiff.configuration import check_choice
 from minidiff.models.resnet import get_activation
 
 
@@ -123,10 +124,7 @@ def make_class_embedding(
     - ``"identity"``: the labels already are embedding vectors;
     - ``"projection"`` / ``"simple_projection"``: an MLP / a Linear from ``projection_input_dim`` features.
     """
-    if class_embed_type not in CLASS_EMBED_TYPES:
-        raise ValueError(
-            f"class_embed_type={class_embed_type!r} is not supported; accepted values: {', '.join(map(repr, CLASS_EMBED_TYPES))}"
-        )
+    check_choice("class_embed_type", class_embed_type, CLASS_EMBED_TYPES)
     if class_embed_type in ("projection", "simple_projection") and projection_input_dim is None:
         raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim")
     if class_embed_type is None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.configuration import check_choice
+
 # diffusers' activation names (models/activations.py ACT2CLS)
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -106,10 +108,7 @@ class ResnetBlock2D(nn.Module):
         conv_shortcut_bias: bool = True,
     ):
         super().__init__()
-        if time_embedding_norm not in ("default", "scale_shift"):
-            raise ValueError(
-                f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; accepted values: 'default', 'scale_shift'"
-            )
+        check_choice("resnet_time_scale_shift", time_embedding_norm, ("default", "scale_shift"))
         if up and down:
             raise ValueError("ResnetBlock2D cannot both upsample and downsample")
         out_channels = in_channels if out_channels is None else out_channels

@@ -60,9 +60,8 @@ def check_lengths(config: Config, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if isinstance(value, (list, tuple)) and len(value) != count:
-            raise ValueError(
-                f"{name} has {len(value)} entries but there are {count} down_block_types {list(config.down_block_types)}"
-            )
+            raise ValueError(f"{name} has {len(value)} entries but there are {count} down_block_types "
+                             f"{list(config.down_block_types)}")
 
 
 def check_common_config(config: Config) -> None:
@@ -194,7 +193,7 @@ class UNet2DModel(UNetBase):
         resnet = ResnetOptions(temb_channels=time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
                                act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
         levels = len(channels)
-        per_level = [dict(num_layers=c.layers_per_block, attention_head_dim=c.attention_head_dim) for _ in range(levels)]
+        per_level = [dict(num_layers=c.layers_per_block, attention_head_dim=c.attention_head_dim)] * levels
         down = [dict(level, downsample_padding=c.downsample_padding, downsample_type=c.downsample_type)
                 for level in per_level]
         up = [dict(level, num_layers=c.layers_per_block + 1, upsample_type=c.upsample_type) for level in per_level]

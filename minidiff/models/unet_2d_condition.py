@@ -120,8 +120,10 @@ class UNet2DConditionModel(UNetBase):
         if c.time_embedding_type == "fourier":
             time_embed_dim = c.time_embedding_dim or channels[0] * 2
             if time_embed_dim % 2:
-                raise ValueError(f"time_embedding_type='fourier' needs an even time_embedding_dim, got {time_embed_dim}")
-            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, log=False, flip_sin_to_cos=c.flip_sin_to_cos)
+                raise ValueError(f"time_embedding_type='fourier' needs an even time_embedding_dim, "
+                                 f"got {time_embed_dim}")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, log=False,
+                                                       flip_sin_to_cos=c.flip_sin_to_cos)
             timestep_input_dim = time_embed_dim
         else:
             time_embed_dim = c.time_embedding_dim or channels[0] * 4

@@ -117,7 +117,8 @@ class _ResnetStack(nn.Module):
     def _build_attentions(self, make_attention: AttentionFactory | None, num_layers: int) -> None:
         self.attentions = nn.ModuleList(make_attention(i) for i in range(num_layers)) if make_attention else None
 
-    def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, layer: int, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
         if self.attentions is None:
             return hidden_states
         attention = self.attentions[layer]
@@ -355,7 +356,8 @@ def get_down_block(
     name = _check_block_type("down", block_type, DOWN_BLOCK_TYPES)
     common = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, resnet=resnet)
     if name == "DownBlock2D":
-        return DownBlock2D(**common, downsample="conv" if add_downsample else None, downsample_padding=downsample_padding)
+        return DownBlock2D(**common, downsample="conv" if add_downsample else None,
+                           downsample_padding=downsample_padding)
     if name == "AttnDownBlock2D":
         return AttnDownBlock2D(**common, attention_head_dim=attention_head_dim,
                                downsample=downsample_type if add_downsample else None,
