@@ -122,9 +122,7 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None) -> torch.Tensor:
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
         sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states)
-        if self.conv_norm_out is not None:
-            sample = self.conv_act(self.conv_norm_out(sample))
-        return self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
+        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, C0, H, W) -> (B, C_out, H, W)
 
 
 @dataclass
