@@ -250,7 +250,7 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     weights cannot tell (SD2 768-v checkpoints predict v; default: ``global_step == 875000`` -> epsilon, as diffusers).
     """
     from minidiff.loading import builtin_configs
-    from minidiff.models.modeling import parse_dtype
+    from minidiff.models.modeling import parse_dtype, skip_weight_init
 
     source = os.fspath(path)
     if not os.path.isfile(source):
@@ -261,7 +261,8 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     built: dict[str, Any] = {}
     used: set[str] = set()
     for component in components:
-        model = builtin_configs.model_class(component)(**configs[component])
+        with skip_weight_init():
+            model = builtin_configs.model_class(component)(**configs[component])
         state = extract_component(checkpoint, component, model, source, use_ema, used)
         model.load_weights(state, source=f"{source} ({component})")
         built[component] = (model.to(dtype) if dtype is not None else model).eval()
