@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from minidiff.pipelines.images import preprocess_image
-from minidiff.pipelines.stable_diffusion import StableDiffusionBase, prompt_batch
+from minidiff.pipelines.stable_diffusion import StableDiffusionBase
 from minidiff.random import randn_tensor
 
 
@@ -77,12 +77,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         self.check_output_type(output_type)
         if image is None:
             raise ValueError("img2img needs an image (PIL image, numpy array or tensor)")
-        device, do_cfg = self.device, guidance_scale > 1.0
-        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
-        )
-        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        device = self.device
+        text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                             num_images_per_prompt, guidance_scale, clip_skip)
         pixels = preprocess_image(image, scale=self.vae_scale_factor).to(device=device, dtype=text.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -95,6 +92,5 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         for i, t in enumerate(self.progress_bar(timesteps)):
             noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+            latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)

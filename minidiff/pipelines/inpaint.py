@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from minidiff.pipelines.images import default_size, preprocess_image, preprocess_mask
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline, check_strength
-from minidiff.pipelines.stable_diffusion import prompt_batch
 from minidiff.random import randn_tensor
 
 
@@ -74,11 +73,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
         height, width = self.default_size(height, width)
         device, do_cfg = self.device, guidance_scale > 1.0
-        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
-        )
-        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                             num_images_per_prompt, guidance_scale, clip_skip)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.strength_timesteps(num_inference_steps, strength)
@@ -111,6 +107,5 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                 keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])
                 repaint = mask.chunk(2)[0] if do_cfg else mask
                 latents = (1 - repaint) * keep + repaint * latents
-            if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+            latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)

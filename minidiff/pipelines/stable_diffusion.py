@@ -129,14 +129,29 @@ class StableDiffusionBase(DiffusionPipeline):
                                                 negative_prompt, prompt_embeds, negative_prompt_embeds)
         return torch.cat([negative, positive]) if do_classifier_free_guidance else positive
 
+    def text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          num_images_per_prompt: int, guidance_scale: float, clip_skip: int | None):
+        """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive]."""
+        do_cfg = guidance_scale > 1.0
+        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
+        positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
+                                                prompt_embeds, negative_prompt_embeds, clip_skip)
+        return (torch.cat([negative, positive]) if do_cfg else positive), batch  # (2B or B, 77, D)
+
+    def after_step(self, callback: Callable | None, i: int, t, latents: torch.Tensor, **tensors) -> torch.Tensor:
+        """Call ``callback_on_step_end(pipe, i, t, {"latents": ..., ...})``; it may return replacement latents."""
+        if callback is None:
+            return latents
+        return callback(self, i, t, {"latents": latents, **tensors}).get("latents", latents)
+
     # ---- latents, UNet, VAE ------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         size = self.unet.config.sample_size
         size_h, size_w = (size, size) if isinstance(size, int) else size
         height = height or size_h * self.vae_scale_factor
         width = width or size_w * self.vae_scale_factor
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if height % 8 or width % 8 or height < 0 or width < 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         return height, width
 
     def prepare_latents(self, batch_size: int, num_channels: int, height: int, width: int, dtype, device, generator,
@@ -236,17 +251,12 @@ class StableDiffusionPipeline(StableDiffusionBase):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
     ):
         height, width = self.default_size(height, width)
         self.check_output_type(output_type)
-        device, do_cfg = self.device, guidance_scale > 1.0
-        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
-
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip
-        )
-        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B or B, 77, D)
+        device = self.device
+        text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                             num_images_per_prompt, guidance_scale, clip_skip)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, text.dtype, device,
                                        generator, latents)
@@ -255,8 +265,5 @@ class StableDiffusionPipeline(StableDiffusionBase):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                state = {"latents": latents, "prompt_embeds": text}
-                outputs = callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
-                latents = outputs.get("latents", latents)
+            latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)
