@@ -171,3 +171,25 @@ def test_image_helpers():
     mask = preprocess_mask(PIL.Image.new("L", (32, 32), 200), 32, 32)
     assert mask.unique().tolist() == [1.0]
     assert postprocess(torch.ones(1, 3, 4, 4), "np").max() == 1.0
+
+
+def test_colour_guidance_pulls_samples_towards_the_target_colour():
+    """The diffusers-course recipe: a loss on x0_hat's distance to a colour steers sampling towards it."""
+    torch.manual_seed(0)
+    unet = minidiff.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                norm_num_groups=4, layers_per_block=1,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = minidiff.DDIMPipeline(unet=unet.eval(), scheduler=minidiff.DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    target = torch.tensor([0.9, -0.8, -0.8]).view(1, 3, 1, 1)  # red, in [-1, 1]
+
+    def colour_loss(x0):
+        return (x0 - target).abs().mean()
+
+    args = dict(batch_size=2, num_inference_steps=20, output_type="pt")
+    plain = pipe(generator=torch.Generator().manual_seed(0), **args).images * 2 - 1
+    guided = pipe.guided(colour_loss, loss_scale=40.0, generator=torch.Generator().manual_seed(0), **args).images * 2 - 1
+    assert colour_loss(guided) < 0.5 * colour_loss(plain), (colour_loss(guided), colour_loss(plain))
+    with pytest.raises(ValueError, match="alpha-bar scheduler"):
+        pipe.scheduler = minidiff.EulerDiscreteScheduler()
+        pipe.guided(colour_loss, output_type="np")

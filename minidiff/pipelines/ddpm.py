@@ -6,12 +6,13 @@ Start from Gaussian noise of the UNet's sample size and walk the scheduler's tim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from minidiff.outputs import BaseOutput
 from minidiff.pipelines.base import DiffusionPipeline
+from minidiff.pipelines.guidance import sample_with_loss_guidance
 from minidiff.pipelines.images import OUTPUT_TYPES, postprocess
 from minidiff.random import randn_tensor
 
@@ -29,28 +30,42 @@ class DDPMPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler) -> None:
         super().__init__(unet=unet, scheduler=scheduler)
 
-    def initial_noise(self, batch_size: int, generator) -> torch.Tensor:
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else size
+    def initial_noise(self, batch_size: int, generator, output_type: str) -> torch.Tensor:
+        """x_T ~ N(0, I) of shape (B, C, H, W), after checking the arguments every sampler here shares."""
+        if output_type not in OUTPUT_TYPES[:3]:
+            raise ValueError(f"output_type={output_type!r} is not supported; accepted values: {list(OUTPUT_TYPES[:3])}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}; pass one per image")
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+
+    @staticmethod
+    def package(image: torch.Tensor, output_type: str, return_dict: bool):
+        images = postprocess(image, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000, output_type: str = "pil",
                  return_dict: bool = True, **step_kwargs: Any):
-        if output_type not in OUTPUT_TYPES[:3]:
-            raise ValueError(f"output_type={output_type!r} is not supported; accepted values: {list(OUTPUT_TYPES[:3])}")
-        image = self.initial_noise(batch_size, generator)  # x_T ~ N(0, I), (B, C, H, W)
+        image = self.initial_noise(batch_size, generator, output_type)  # x_T, (B, C, H, W)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_output = self.unet(image, t).sample
             image = self.scheduler.step(model_output, t, image, generator=generator, **step_kwargs).prev_sample
-        images = postprocess(image, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self.package(image, output_type, return_dict)
+
+    def guided(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], loss_scale: float = 40.0, batch_size: int = 1,
+               num_inference_steps: int = 50, generator=None, output_type: str = "pil", return_dict: bool = True):
+        """Sampling steered by ``loss_fn(x0_hat)`` (x0_hat in [-1, 1]), e.g. a colour loss; see
+        ``minidiff.pipelines.guidance.sample_with_loss_guidance``."""
+        noise = self.initial_noise(batch_size, generator, output_type)
+        image = sample_with_loss_guidance(self.unet, self.scheduler, noise, loss_fn, loss_scale, num_inference_steps,
+                                          self.progress_bar)
+        return self.package(image, output_type, return_dict)
 
 
 class DDIMPipeline(DDPMPipeline):

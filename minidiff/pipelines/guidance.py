@@ -4,8 +4,9 @@ Classifier-free guidance (Ho & Salimans 2022, Eq. 6): the UNet runs on the batch
 the two noise predictions are extrapolated, ``eps = eps_u + w (eps_c - eps_u)``. Guidance rescale (Lin et al. 2023,
 Sec. 3.4) pulls the guided prediction's standard deviation back to the conditional one's to avoid over-exposure.
 
-Loss guidance (the "colour guidance" recipe of the diffusers course): at each step, estimate x0 from the noise
-prediction, score it with a differentiable ``loss_fn`` and nudge x_t down the gradient before the scheduler step.
+Loss guidance (the "colour guidance" recipe of the diffusers course, after Dhariwal & Nichol 2021's classifier
+guidance): at each step, estimate x0 from the noise prediction, score it with a differentiable ``loss_fn`` and nudge
+x_t down the gradient before the scheduler step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from minidiff.schedulers.betas import predicted_x0_and_eps
 
 
 def classifier_free_guidance(noise_pred: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0):
@@ -34,24 +37,32 @@ def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def loss_guided_step(
-    latents: torch.Tensor,
-    t,
-    noise_fn: Callable[[torch.Tensor], torch.Tensor],
+def sample_with_loss_guidance(
+    unet,
     scheduler,
+    noise: torch.Tensor,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     loss_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One guided step: ``x_t <- x_t - loss_scale * d loss(x0_hat(x_t)) / d x_t`` with
-    ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (DDPM Eq. 15).
+    num_inference_steps: int = 50,
+    progress: Callable = iter,
+) -> torch.Tensor:
+    """Sample a pixel-space UNet from ``noise`` (x_T) while steering every step with ``loss_fn`` on the predicted x0.
 
-    Returns (guided latents, noise prediction at the guided latents' original point, loss value).
+    Per step: eps = UNet(x_t, t); x0_hat from x_t and eps (DDPM Eq. 15, or the v / sample forms);
+    x_t <- x_t - loss_scale * d loss_fn(x0_hat) / d x_t; then the scheduler step with eps. Works with the
+    alpha-bar schedulers (DDPM, DDIM, PNDM), whose x0 estimate needs only alphas_cumprod.
+    Returns images in [-1, 1], (B, C, H, W).
     """
-    latents = latents.detach().requires_grad_(True)
-    model_input = scheduler.scale_model_input(latents, t)
-    noise_pred = noise_fn(model_input)
-    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)]
-    x0 = (latents - (1 - alpha_bar) ** 0.5 * noise_pred) / alpha_bar**0.5
-    loss = loss_fn(x0) * loss_scale
-    grad = torch.autograd.grad(loss, latents)[0]
-    return (latents - grad).detach(), noise_pred.detach(), float(loss)
+    if not hasattr(scheduler, "alphas_cumprod") or hasattr(scheduler, "sigmas"):
+        raise ValueError(f"loss guidance needs an alpha-bar scheduler (DDPM, DDIM, PNDM), got {type(scheduler).__name__}")
+    x = noise * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_inference_steps)
+    for t in progress(scheduler.timesteps):
+        x = x.detach().requires_grad_(True)
+        noise_pred = unet(scheduler.scale_model_input(x, t), t).sample
+        alpha_bar = scheduler.alphas_cumprod.to(x.device)[int(t)]
+        x0, _ = predicted_x0_and_eps(noise_pred, x, alpha_bar, scheduler.config.prediction_type)
+        grad = torch.autograd.grad(loss_fn(x0) * loss_scale, x)[0]
+        with torch.no_grad():
+            x = scheduler.step(noise_pred.detach(), t, x.detach() - grad).prev_sample
+    return x.detach()
