@@ -246,8 +246,9 @@ class AttentionBackendMixin:
             module.backend = name
 
     def enable_attention_slicing(self, slice_size: int | None = None) -> None:
-        """Bound attention memory: the ``chunked`` backend with ``slice_size`` query rows per slice
-        (None: ``ops.attention.DEFAULT_CHUNK``). Unlike diffusers, slices run over query rows, not heads."""
+        """Bound attention memory: the ``chunked`` backend with ``slice_size`` query rows per slice (None: sized so
+        one score block stays under ``ops.attention.SCORE_BUDGET_BYTES``). Unlike diffusers, slices run over query
+        rows, not heads."""
         if slice_size is not None and (not isinstance(slice_size, int) or slice_size < 1):
             raise ValueError(f"slice_size must be a positive int (query rows per slice) or None, got {slice_size!r}")
         for module in self.attention_modules():

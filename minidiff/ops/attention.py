@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minidiff.ops.registry import current_backend, define_op, dispatch, register_backend
 
-DEFAULT_CHUNK = 1024
+SCORE_BUDGET_BYTES = 64 * 2**20  # the chunked backend keeps each (B, h, rows, M) score block under this
 
 
 def _expected(q, k, v, **_):
@@ -32,10 +32,11 @@ def math_attention(q, k, v, *, scale: float | None = None, upcast: bool = False,
     dtype = q.dtype
     if upcast:
         q, k = q.float(), k.float()
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, h, N, d) @ (B, h, d, M) -> (B, h, N, M)
+    scores = (q * scale) @ k.transpose(-1, -2)  # (B, h, N, d) @ (B, h, d, M) -> (B, h, N, M)
     if mask is not None:
-        scores = scores + mask
+        scores += mask
     weights = scores.softmax(dim=-1).to(v.dtype)
+    del scores  # free the scores before the weighted sum
     return (weights @ v).to(dtype)  # (B, h, N, M) @ (B, h, M, d) -> (B, h, N, d)
 
 
@@ -45,7 +46,15 @@ def sdpa_attention(q, k, v, *, scale: float | None = None, upcast: bool = False,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def chunked_attention(q, k, v, *, scale=None, upcast=False, mask=None, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def chunk_rows(q: torch.Tensor, k: torch.Tensor, budget_bytes: int = SCORE_BUDGET_BYTES) -> int:
+    """Query rows per slice so that one (B, h, rows, M) float32 score block fits in ``budget_bytes``."""
+    bytes_per_row = q.shape[:-2].numel() * k.shape[-2] * 4
+    return max(1, budget_bytes // bytes_per_row)
+
+
+def chunked_attention(q, k, v, *, scale=None, upcast=False, mask=None, chunk_size: int | None = None) -> torch.Tensor:
+    """``math`` over slices of ``chunk_size`` query rows (default: sized by ``SCORE_BUDGET_BYTES``)."""
+    chunk_size = chunk_size or chunk_rows(q, k)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)  # (B, h, N, d)
     for start in range(0, q.shape[-2], chunk_size):
         rows = slice(start, start + chunk_size)
