@@ -51,7 +51,6 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_losses(tmp_path):
     assert logged_losses(tmp_path / "killed") == uninterrupted
 
 
-@pytest.mark.skipif(not os.path.isfile(TORCHRUN), reason="torchrun is not installed next to this python")
 def test_torchrun_two_processes_match_one_process(tmp_path):
     options = dict(max_train_steps=4, checkpointing_steps=2, num_sample_images=2, train_batch_size=2)
     process = start_training(tiny_config(tmp_path / "ddp", **options), TORCHRUN, "--standalone", "--nproc_per_node",
