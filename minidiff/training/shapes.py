@@ -33,13 +33,13 @@ COLOURS = {
     "blue": (40, 80, 220), "purple": (140, 60, 190), "white": (240, 240, 240), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.12, "big": 0.22}  # half the shape's width, as a fraction of the image side
+SIZES = {"small": 0.15, "big": 0.25}  # half the shape's width, as a fraction of the image side
 POSITIONS = {  # name -> (phrase, centre (x, y) as fractions of the image side)
-    "top left": ("in the top left", (0.27, 0.27)), "top": ("at the top", (0.5, 0.27)),
-    "top right": ("in the top right", (0.73, 0.27)), "left": ("on the left", (0.27, 0.5)),
-    "center": ("in the center", (0.5, 0.5)), "right": ("on the right", (0.73, 0.5)),
-    "bottom left": ("in the bottom left", (0.27, 0.73)), "bottom": ("at the bottom", (0.5, 0.73)),
-    "bottom right": ("in the bottom right", (0.73, 0.73)),
+    "top left": ("in the top left", (0.3, 0.3)), "top": ("at the top", (0.5, 0.3)),
+    "top right": ("in the top right", (0.7, 0.3)), "left": ("on the left", (0.3, 0.5)),
+    "center": ("in the center", (0.5, 0.5)), "right": ("on the right", (0.7, 0.5)),
+    "bottom left": ("in the bottom left", (0.3, 0.7)), "bottom": ("at the bottom", (0.5, 0.7)),
+    "bottom right": ("in the bottom right", (0.7, 0.7)),
 }
 # (shape colour, background colour) pairs no training image shows; each colour once on each side
 HELD_OUT_PAIRS = (("red", "green"), ("orange", "purple"), ("yellow", "blue"), ("green", "black"),

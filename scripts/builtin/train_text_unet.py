@@ -4,7 +4,8 @@ Per step (Ho et al. 2020, Algorithm 1, in the latent space of Rombach et al. 202
 from the dataset's grammar - or, with probability ``caption_dropout``, the empty caption, which teaches the
 unconditional prediction classifier-free guidance needs (Ho & Salimans 2022, Sec. 3.2) - and a latent
 ``z ~ q(z|x)`` times the VAE's ``scaling_factor``; ``minidiff.training.training_step`` noises it at a random
-timestep and back-propagates ``|| eps - eps_theta(z_t, t, CLIP(caption)) ||^2`` into the UNet and the text encoder.
+timestep and back-propagates ``|| v - v_theta(z_t, t, CLIP(caption)) ||^2`` (v-prediction, Salimans & Ho 2022)
+into the UNet and the text encoder.
 An EMA of both is what ships. Every checkpoint prints how many of 16 held-out prompts the EMA model gets right.
 """
 
@@ -86,7 +87,8 @@ def main() -> None:
         noise = randn_tensor(means[indices].shape, generator=generators)
         latents = (means[indices] + stds[indices] * noise) * vae.config.scaling_factor  # z ~ q(z|x), scaled
         text = text_encoder(tokens(captions))[0]  # (B, 77, 64)
-        loss = training_step(unet, scheduler, latents, generators, "epsilon", {"encoder_hidden_states": text})
+        loss = training_step(unet, scheduler, latents, generators, scheduler.config.prediction_type,
+                             {"encoder_hidden_states": text})
         torch.nn.utils.clip_grad_norm_(both.parameters(), o["max_grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from scripts.builtin.common import Run, one_thread, parse_args
 
 def vae_loss(vae, pixels: torch.Tensor, generators: list[torch.Generator], kl_weight: float):
     posterior = vae.encode(pixels).latent_dist
-    latents = posterior.sample(generators)  # (B, 4, 8, 8)
+    latents = posterior.sample(generators)  # (B, 4, 16, 16)
     reconstruction = vae.decode(latents).sample  # (B, 3, 32, 32)
     l1 = (reconstruction - pixels).abs().mean()
     kl = posterior.kl().mean() / latents[0].numel()  # per latent element
