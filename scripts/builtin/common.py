@@ -39,8 +39,10 @@ class Run:
         if args.resume:
             path = checkpoint.find_checkpoint("latest", folder)
             state = checkpoint.load_training_state(path, optimizer)
-            if state["options"] != json.loads(json.dumps(options)):
-                raise ValueError(f"{path} was trained with other settings: {state['options']} vs {options}")
+            trained, wanted = ({k: v for k, v in o.items() if k != "steps"} for o in (state["options"], json.loads(
+                json.dumps(options))))  # a run may be extended, nothing else may change
+            if trained != wanted:
+                raise ValueError(f"{path} was trained with other settings: {trained} vs {wanted}")
             for name, model in models.items():
                 checkpoint.load_model_weights(model, os.path.join(path, name))
             self.step, self.extra = state["step"], state["extra"]
@@ -61,9 +63,12 @@ class Run:
         return indices, generators, numpy_rngs
 
     def set_learning_rate(self) -> None:
+        """Warm-up then cosine decay, restarted every ``restart_every`` steps if set (SGDR's warm restarts,
+        Loshchilov & Hutter 2017)."""
         o = self.options
+        cycle = o.get("restart_every", o["steps"])
         for group in self.optimizer.param_groups:
-            group["lr"] = o["learning_rate"] * lr_factor(self.step, o["warmup_steps"], o["steps"], "cosine")
+            group["lr"] = o["learning_rate"] * lr_factor(self.step % cycle, o["warmup_steps"], cycle, "cosine")
 
     def log(self, **values: float) -> None:
         self.step += 1

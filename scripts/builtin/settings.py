@@ -59,7 +59,7 @@ VAE_TRAINING = dict(
     checkpoint_every=250,
 )
 TEXT_UNET_TRAINING = dict(
-    seed=0, steps=6000, batch_size=32, learning_rate=5e-4, warmup_steps=200, weight_decay=1e-2,
+    seed=0, steps=12000, restart_every=6000, batch_size=32, learning_rate=5e-4, warmup_steps=200, weight_decay=1e-2,
     caption_dropout=0.1,  # empty captions teach the unconditional prediction classifier-free guidance needs
     ema_max_decay=0.999, ema_power=0.75, max_grad_norm=1.0, checkpoint_every=250,
 )
