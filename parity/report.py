@@ -72,6 +72,25 @@ def compare(component: str, case: str, actual, expected, tol: float, metric: str
     return RECORDS[key]
 
 
+ZERO_GRAD = 1e-6  # a parameter whose largest gradient is below this fraction of the model's largest has none
+
+
+def compare_gradients(component: str, case: str, mine: dict, theirs: dict, tol: float) -> None:
+    """Compare gradients by name: relatively, except where the reference's gradient is ~0 (below ``ZERO_GRAD`` of
+    the largest). Those are zero in exact arithmetic (a conv bias before a GroupNorm, ``to_k.bias`` under softmax)
+    and hold only rounding noise, so they are compared absolutely against ``tol`` times the largest gradient."""
+    assert set(mine) == set(theirs), sorted(set(mine) ^ set(theirs))
+    largest = max(g.abs().max().item() for g in theirs.values() if g is not None)
+    for name, their_grad in theirs.items():
+        if their_grad is None:  # frozen parameters (Fourier features)
+            assert mine[name] is None, name
+        elif their_grad.abs().max().item() > ZERO_GRAD * largest:
+            compare(component, f"{case}: grad", mine[name], their_grad, tol)
+        else:
+            compare(component, f"{case}: grad of ~0-gradient params (abs, vs largest grad)", mine[name], their_grad,
+                    tol * largest, metric="abs")
+
+
 def compare_exact(component: str, case: str, actual, expected) -> Record:
     """Equality of integer or discrete outputs (timesteps, token ids): recorded with tolerance 0."""
     a, b = _as_array(actual), _as_array(expected)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from minidiff.models.vae import AutoencoderKL
 from parity.pipeline_fixtures import make_image, randomize_, save_reference_pipeline
-from parity.report import compare
+from parity.report import compare, compare_gradients
 
 COMPONENT = "AutoencoderKL"
 FORWARD_TOL = 1e-5
@@ -99,9 +99,9 @@ def test_gradients(tmp_path):
         z = posterior.sample(generator=torch.Generator().manual_seed(5))
         reconstruction = model.decode(z).sample
         ((reconstruction - target).square().mean() + 1e-3 * posterior.kl().mean()).backward()
-    theirs = dict(reference.named_parameters())
-    for name, param in ours.named_parameters():
-        compare(COMPONENT, "SD-like: parameter gradients (recon + KL loss)", param.grad, theirs[name].grad, GRAD_TOL)
+    compare_gradients(COMPONENT, "SD-like: parameter gradients (recon + KL loss)",
+                      {name: p.grad for name, p in ours.named_parameters()},
+                      {name: p.grad for name, p in reference.named_parameters()}, GRAD_TOL)
 
 
 def test_tiled_and_sliced_encode_and_decode(tmp_path):

@@ -101,7 +101,7 @@ class Attention(nn.Module):
             out = out.transpose(1, 2).reshape(image_shape)  # (B, H*W, C) -> (B, C, H, W)
         if self.residual_connection:
             out = out + residual
-        return out / self.rescale_output_factor
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
 
 class GEGLU(nn.Module):

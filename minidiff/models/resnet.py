@@ -165,4 +165,5 @@ class ResnetBlock2D(nn.Module):
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)  # 1x1: (B, C_in, H, W) -> (B, C_out, H, W)
-        return (input_tensor + hidden_states) / self.output_scale_factor
+        hidden_states = hidden_states.add_(input_tensor)  # in place: conv2's output is ours, and add needs no inputs
+        return hidden_states if self.output_scale_factor == 1 else hidden_states / self.output_scale_factor

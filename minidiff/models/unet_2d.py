@@ -122,7 +122,8 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None) -> torch.Tensor:
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
         sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states)
-        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, C0, H, W) -> (B, C_out, H, W)
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, C0, H, W) -> (B, C_out, H, W)
+        return sample.contiguous()  # NHWC inside, NCHW out
 
 
 @dataclass
@@ -204,6 +205,7 @@ class UNet2DModel(UNetBase):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as diffusers
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
+        self.to(memory_format=torch.channels_last)  # NHWC weights and activations: see ModelMixin
 
     @staticmethod
     def _check_config(c: UNet2DConfig) -> None:

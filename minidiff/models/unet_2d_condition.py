@@ -179,6 +179,7 @@ class UNet2DConditionModel(UNetBase):
         self.conv_act = get_activation(c.act_fn)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2)
+        self.to(memory_format=torch.channels_last)  # NHWC weights and activations: see ModelMixin
 
     @staticmethod
     def _check_config(c: UNet2DConditionConfig) -> None:

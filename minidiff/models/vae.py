@@ -299,6 +299,7 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
         self.tile_sample_min_size = sample_size
         self.tile_latent_min_size = int(sample_size / 2 ** (len(c.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
+        self.to(memory_format=torch.channels_last)  # NHWC weights and activations: see ModelMixin
 
     @staticmethod
     def _check_config(c: AutoencoderKLConfig) -> None:
@@ -349,12 +350,13 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
 
     def _encode_moments_whole(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)
-        return self.quant_conv(moments) if self.quant_conv is not None else moments
+        moments = self.quant_conv(moments) if self.quant_conv is not None else moments
+        return moments.contiguous()  # NHWC inside, NCHW out
 
     def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z).contiguous()  # NHWC inside, NCHW out
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
