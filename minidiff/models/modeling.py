@@ -85,8 +85,8 @@ class ModelMixin(nn.Module, ConfigMixin):
     Memory layout: the convolutional models (both UNets, the VAE) keep their 4-D weights channels-last (NHWC), so
     their activations are channels-last too - oneDNN's native layout on CPU, measured 10-17% faster than NCHW at
     batch 1 and in bfloat16 on Stable Diffusion shapes (see the README's benchmarks), with the same kernels' rounding
-    otherwise. What they return is contiguous (NCHW) as in diffusers. ``model.to(memory_format=torch.contiguous_format)``
-    switches a model back; loading and ``.to(dtype/device)`` keep the layout.
+    otherwise. What they return is contiguous (NCHW) as in diffusers.
+    ``model.to(memory_format=torch.contiguous_format)`` switches a model back; loading and ``.to(dtype)`` keep it.
     """
 
     config_name = "config.json"

@@ -28,6 +28,19 @@ def get_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name.lower()]()
 
 
+_IN_PLACE = {nn.SiLU: F.silu, nn.Mish: F.mish, nn.ReLU: F.relu}
+
+
+def activate_temporary(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``activation(x)`` for an ``x`` nothing else holds (a norm's fresh output): computed in place when autograd
+    records nothing, so inference never holds the input and the output of an activation at once (at SD's largest
+    resolution that is one ~250 MB buffer less at the memory peak). Same values either way."""
+    in_place = _IN_PLACE.get(type(activation))
+    if in_place is None or x.requires_grad:
+        return activation(x)
+    return in_place(x, inplace=True)
+
+
 class Downsample2D(nn.Module):
     """Halve the spatial size: a 3x3 conv with stride 2 (``use_conv``) or a 2x2 average pool.
 
@@ -140,7 +153,7 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = self.nonlinearity(self.norm1(input_tensor))
+        hidden_states = activate_temporary(self.nonlinearity, self.norm1(input_tensor))
         if self.upsample is not None:
             input_tensor, hidden_states = self.upsample(input_tensor), self.upsample(hidden_states)
         elif self.downsample is not None:
@@ -162,7 +175,7 @@ class ResnetBlock2D(nn.Module):
                 hidden_states = hidden_states + temb
             hidden_states = self.norm2(hidden_states)
 
-        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        hidden_states = self.conv2(self.dropout(activate_temporary(self.nonlinearity, hidden_states)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)  # 1x1: (B, C_in, H, W) -> (B, C_out, H, W)
         hidden_states = hidden_states.add_(input_tensor)  # in place: conv2's output is ours, and add needs no inputs

@@ -19,7 +19,7 @@ from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
 from minidiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, make_class_embedding
 from minidiff.models.modeling import ModelMixin
-from minidiff.models.resnet import get_activation
+from minidiff.models.resnet import activate_temporary, get_activation
 from minidiff.models.unet_blocks import (
     SAMPLER_TYPES,
     ResnetOptions,
@@ -122,7 +122,8 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None) -> torch.Tensor:
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
         sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states)
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, C0, H, W) -> (B, C_out, H, W)
+        sample = activate_temporary(self.conv_act, self.conv_norm_out(sample))
+        sample = self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
         return sample.contiguous()  # NHWC inside, NCHW out
 
 

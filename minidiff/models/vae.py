@@ -24,7 +24,7 @@ from torch import nn
 from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
 from minidiff.models.modeling import ModelMixin
-from minidiff.models.resnet import ACTIVATIONS, Upsample2D
+from minidiff.models.resnet import ACTIVATIONS, Upsample2D, activate_temporary
 from minidiff.models.unet_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D
 from minidiff.outputs import BaseOutput
 from minidiff.random import Generator, randn_tensor
@@ -170,7 +170,7 @@ class _CoderBase(nn.Module):
         hidden_states = self.conv_in(sample)
         for stage in self.stages():
             hidden_states = stage(hidden_states)
-        return self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
+        return self.conv_out(activate_temporary(self.conv_act, self.conv_norm_out(hidden_states)))
 
 
 def _check_block_types(option: str, block_types, accepted: str) -> None:
