@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         from minidiff.training import main as train_main
 
         return train_main(args)
-    if args.seed < 0:
-        raise SystemExit(f"minidiff: --seed must be a non-negative integer, got {args.seed}")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise SystemExit(f"minidiff: --seed must be an integer in [0, 2**64), got {args.seed}")
     pipeline_class = {
         "generate": pipelines.StableDiffusionPipeline,
         "img2img": pipelines.StableDiffusionImg2ImgPipeline,

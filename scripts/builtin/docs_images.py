@@ -38,7 +38,7 @@ COMMANDS = {  # title -> minidiff arguments; {dir} is a scratch folder
     "inpaint": ["inpaint", "--image", "{dir}/red-circle.png", "--mask", "{dir}/left-half.png", "--prompt",
                 "a small yellow triangle on the left on a blue background", "--output", "{dir}/inpaint.png"],
     "edit": ["edit", "--image", "{dir}/red-circle.png", "--source-prompt", SOURCE, "--prompt",
-             "a yellow circle on a blue background", "--start-step", "5", "--output", "{dir}/edit.png"],
+             "a yellow circle on a blue background", "--start-step", "10", "--output", "{dir}/edit.png"],
 }
 
 
