@@ -39,8 +39,8 @@ class Run:
         if args.resume:
             path = checkpoint.find_checkpoint("latest", folder)
             state = checkpoint.load_training_state(path, optimizer)
-            trained, wanted = ({k: v for k, v in o.items() if k != "steps"} for o in (state["options"], json.loads(
-                json.dumps(options))))  # a run may be extended, nothing else may change
+            trained = {k: v for k, v in state["options"].items() if k != "steps"}  # a run may be extended,
+            wanted = {k: v for k, v in json.loads(json.dumps(options)).items() if k != "steps"}  # nothing else changes
             if trained != wanted:
                 raise ValueError(f"{path} was trained with other settings: {trained} vs {wanted}")
             for name, model in models.items():
