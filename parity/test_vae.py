@@ -168,8 +168,21 @@ def vae_configs(draw):
 @given(config=vae_configs(), batch=st.integers(1, 2), height=st.integers(4, 16), width=st.integers(4, 16),
        seed=st.integers(0, 2**16))
 def test_hypothesis_configs(tmp_path_factory, config, batch, height, width, seed):
+    """Odd configs and sizes in float64: maps as small as 1x2 make GroupNorm ill-conditioned (a two-value group
+    with a tiny spread amplifies float32 rounding ~1e3-fold), which would hide structural differences behind noise.
+    Images too small for the config are refused by minidiff, saying which size to use; diffusers (torch) refuses
+    them too at batch 1, while at larger batches torch normalises the single-value groups to their bias silently."""
     reference, ours = reference_and_minidiff(config, tmp_path_factory.mktemp("vae"), seed)
-    compare_vaes("hypothesis configs", reference, ours, images(config, batch, (height, width), seed), seed)
+    reference, ours = reference.double(), ours.double()
+    x = images(config, batch, (height, width), seed).double()
+    try:
+        ours.encode(x)
+    except ValueError as error:
+        assert "too small for this VAE" in str(error) and f"{height}x{width}" in str(error)
+        with pytest.raises((ValueError, RuntimeError)):
+            reference.encode(x[:1])
+        return
+    compare_vaes("hypothesis configs (float64)", reference, ours, x, seed)
 
 
 def test_drop_in_for_diffusers_img2img_pipeline(tmp_path):

@@ -335,6 +335,27 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"AutoencoderKL.{method} expects {name} of shape (B, {channels}, H, W), got {got}")
 
+    def _check_size(self, method: str, name: str, x: torch.Tensor) -> None:
+        """Raise, naming the fix, where torch would fail deep inside: a map downsampled below 1 pixel, or a GroupNorm
+        group holding a single value (one channel per group on a 1x1 map) cannot be normalised. torch raises for the
+        latter only at batch 1; at larger batches it silently returns the bias, erasing the image, so refuse both."""
+        channels, groups = self.config.block_out_channels, self.config.norm_num_groups
+        height, width = x.shape[-2:]
+        if method == "encode":  # level i runs at (H >> i, W >> i) on block_out_channels[i - 1 .. i]
+            levels = [(height >> i, width >> i, min(channels[max(i - 1, 0)], channels[i])) for i in range(len(channels))]
+        else:  # up block i runs at (h << i, w << i) on the reversed channels[i - 1 .. i]
+            reverse = list(reversed(channels))
+            levels = [(height << i, width << i, min(reverse[max(i - 1, 0)], reverse[i])) for i in range(len(channels))]
+        safe_side = 1 << len(channels) if method == "encode" else 2  # lowest level at least 2x2
+        for level_height, level_width, level_channels in levels:
+            per_group = level_channels // groups
+            if level_height * level_width * per_group <= 1:
+                raise ValueError(
+                    f"AutoencoderKL.{method}: {name} of {height}x{width} are too small for this VAE: they reach a "
+                    f"{level_height}x{level_width} level with {per_group} channel(s) per GroupNorm group, fewer than "
+                    f"two values to normalise; use {name} of at least {safe_side}x{safe_side}"
+                )
+
     def _per_sample(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``fn(x)``, or ``fn`` on one batch element at a time when slicing is enabled."""
         if self.use_slicing and x.shape[0] > 1:
@@ -370,6 +391,7 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images (B, in_channels, H, W), usually in [-1, 1] -> ``.latent_dist`` over (B, latent, H / f, W / f)."""
         self._check_input("encode", "images", x, self.config.in_channels)
+        self._check_size("encode", "images", x)
         posterior = DiagonalGaussianDistribution(self._per_sample(self._encode_moments, x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -377,6 +399,7 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
         """Latents (B, latent_channels, h, w) (already divided by ``scaling_factor``) -> ``.sample`` images.
         ``generator`` is accepted for diffusers' signature; decoding draws no noise."""
         self._check_input("decode", "latents", z, self.config.latent_channels)
+        self._check_size("decode", "latents", z)
         images = self._per_sample(self._decode, z)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
