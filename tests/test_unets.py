@@ -247,6 +247,20 @@ def test_geglu_is_a_swappable_op(unet):
         ops.geglu(torch.zeros(2, 3))
 
 
+def test_geglu_in_place_inference_path_matches_the_formula():
+    """Without autograd the product is written into GELU's buffer: the same bits, and the input is left alone."""
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    value, gate = x.chunk(2, dim=-1)
+    expected = value * torch.nn.functional.gelu(gate)
+    before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.torch_geglu(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_()
+    ops.torch_geglu(leaf).sum().backward()  # the autograd path: no in-place op on a saved tensor
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 # ---- training, dtypes, round trips ----------------------------------------------------------------------------------
 
 def test_backward_reaches_every_trainable_parameter():
