@@ -5,8 +5,10 @@
   (``parity.report.measure``). Above the row's tolerance the row says "error too high" and reports no time and no
   ratio: a fast wrong kernel is not a speedup. A side that raises (e.g. the kernel registry rejecting a backend's
   output shape or dtype) gives a "failed: ..." row carrying the message.
-- Time: more warm-up calls, then ``repeats`` timed calls per side, alternating minidiff/diffusers in ABBA order so a
-  drift in the machine's speed hits both alike; each side's median. ratio = minidiff / diffusers (< 1: minidiff faster).
+- Time: more warm-up calls, then ``repeats`` rounds of one timed call per side, back to back in ABBA order; each
+  side's median time. ratio = the median over rounds of minidiff / diffusers within the round (< 1: minidiff faster):
+  two calls seconds apart see the same machine speed, so a drift between rounds (this shared VM's speed wanders by
+  10-30% over minutes) cancels. ``ratio_low``/``ratio_high``, the smallest and largest round's ratio, show the noise.
 - Peak memory: the extra resident memory of one call. glibc's free memory goes back to the OS (``malloc_trim``), the
   kernel's resident-memory high-water mark is reset to the current size (write "5" to ``/proc/self/clear_refs``,
   see proc(5)), the call runs, and ``VmHWM`` minus ``VmRSS`` before the call is read from ``/proc/self/status``.
@@ -79,7 +81,9 @@ class Row:
     max_rel: float | None = None
     minidiff_ms: float | None = None
     diffusers_ms: float | None = None
-    ratio: float | None = None  # minidiff / diffusers median time
+    ratio: float | None = None  # median over rounds of minidiff / diffusers time
+    ratio_low: float | None = None  # the rounds' smallest and largest ratio
+    ratio_high: float | None = None
     minidiff_peak_mb: float | None = None
     diffusers_peak_mb: float | None = None
     gflop: float | None = None
@@ -104,13 +108,13 @@ def seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(first: Callable, second: Callable, repeats: int) -> tuple[float, float]:
-    """Median seconds of each callable over ``repeats`` calls, alternating in ABBA order."""
+def interleaved_rounds(first: Callable, second: Callable, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each callable over ``repeats`` rounds of one call each, the order alternating (ABBA)."""
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(repeats):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             times[side].append(seconds((first, second)[side]))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return times
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int, repeats: int = 10) -> float:
@@ -177,8 +181,11 @@ def measure_row(row: Row, pair: Pair, op: str, flops: int | None, settings: Sett
         return row
     for _ in range(settings.warmup):
         minidiff(), pair.diffusers()
-    ours, theirs = interleaved_medians(minidiff, pair.diffusers, repeats or settings.repeats)
-    row.minidiff_ms, row.diffusers_ms, row.ratio = ours * 1e3, theirs * 1e3, ours / theirs
+    ours_rounds, theirs_rounds = interleaved_rounds(minidiff, pair.diffusers, repeats or settings.repeats)
+    ours, theirs = statistics.median(ours_rounds), statistics.median(theirs_rounds)
+    ratios = [a / b for a, b in zip(ours_rounds, theirs_rounds)]
+    row.minidiff_ms, row.diffusers_ms = ours * 1e3, theirs * 1e3
+    row.ratio, row.ratio_low, row.ratio_high = statistics.median(ratios), min(ratios), max(ratios)
     row.minidiff_peak_mb, row.diffusers_peak_mb = peak_memory_mb(minidiff), peak_memory_mb(pair.diffusers)
     if flops:
         row.gflop = flops / 1e9

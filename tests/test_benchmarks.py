@@ -43,7 +43,7 @@ def test_rows_have_times_ratio_error_memory_and_throughput():
     for row in rows:
         assert row.status == "ok" and row.max_rel <= row.tolerance
         assert row.minidiff_ms > 0 and row.diffusers_ms > 0
-        assert row.ratio == pytest.approx(row.minidiff_ms / row.diffusers_ms)
+        assert 0 < row.ratio_low <= row.ratio <= row.ratio_high  # the median of the rounds' own ratios
         assert row.gflop == pytest.approx(2 * 2 * 2 * 8 * 32 * 32 * 8 / 1e9)  # QK^T and PV matmuls
         assert row.peak_percent == pytest.approx(100 * row.minidiff_gflops / machine.matmul_gflops["fp32"])
         assert row.minidiff_peak_mb is not None and row.diffusers_peak_mb is not None
