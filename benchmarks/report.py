@@ -21,8 +21,8 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def _cells(row: Row) -> tuple[str, ...]:
     return (row.level, row.what, row.shape, row.dtype, row.backend, _number(row.minidiff_ms), _number(row.diffusers_ms),
-            _number(row.ratio), _spread(row), "-" if row.max_rel is None else f"{row.max_rel:.1e}", _number(row.minidiff_peak_mb),
-            _number(row.diffusers_peak_mb), _number(row.gflop), _number(row.minidiff_gflops),
+            _number(row.ratio), _spread(row), "-" if row.max_rel is None else f"{row.max_rel:.1e}",
+            _number(row.minidiff_peak_mb), _number(row.diffusers_peak_mb), _number(row.gflop), _number(row.minidiff_gflops),
             _number(row.peak_percent, 2), row.status)
 
 
@@ -41,8 +41,8 @@ def markdown(rows: list[Row], machine: Machine, settings: Settings) -> str:
     lines = [machine_line(machine, settings), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in _cells(row)) + " |" for row in rows]
     lines += ["", "ratio = median over rounds of minidiff / diffusers time, each round one call per side back to "
-              "back (< 1: minidiff faster); rounds = the smallest-largest round's ratio. max_rel = max|a-b| / max|b| of "
-              "the outputs. Peak MiB: extra resident memory during one call. % peak: minidiff GFLOP/s over the "
+              "back (< 1: minidiff faster); rounds = the smallest-largest round's ratio. max_rel = max|a-b| / max|b| "
+              "of the outputs. Peak MiB: extra resident memory during one call. % peak: minidiff GFLOP/s over the "
               "measured matmul peak of the dtype."]
     return "\n".join(lines)
 

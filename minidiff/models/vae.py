@@ -339,16 +339,15 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
         """Raise, naming the fix, where torch would fail deep inside: a map downsampled below 1 pixel, or a GroupNorm
         group holding a single value (one channel per group on a 1x1 map) cannot be normalised. torch raises for the
         latter only at batch 1; at larger batches it silently returns the bias, erasing the image, so refuse both."""
-        channels, groups = self.config.block_out_channels, self.config.norm_num_groups
-        height, width = x.shape[-2:]
-        if method == "encode":  # level i runs at (H >> i, W >> i) on block_out_channels[i - 1 .. i]
-            levels = [(height >> i, width >> i, min(channels[max(i - 1, 0)], channels[i])) for i in range(len(channels))]
-        else:  # up block i runs at (h << i, w << i) on the reversed channels[i - 1 .. i]
-            reverse = list(reversed(channels))
-            levels = [(height << i, width << i, min(reverse[max(i - 1, 0)], reverse[i])) for i in range(len(channels))]
-        safe_side = 1 << len(channels) if method == "encode" else 2  # lowest level at least 2x2
-        for level_height, level_width, level_channels in levels:
-            per_group = level_channels // groups
+        groups, height, width = self.config.norm_num_groups, *x.shape[-2:]
+        # down block i runs at (H >> i, W >> i) on block_out_channels[i - 1 .. i]; up block i at (h << i, w << i) on
+        # the reversed channels[i - 1 .. i]
+        encoding = method == "encode"
+        channels = list(self.config.block_out_channels if encoding else reversed(self.config.block_out_channels))
+        safe_side = 1 << len(channels) if encoding else 2  # lowest level at least 2x2
+        for i in range(len(channels)):
+            level_height, level_width = (height >> i, width >> i) if encoding else (height << i, width << i)
+            per_group = min(channels[max(i - 1, 0)], channels[i]) // groups
             if level_height * level_width * per_group <= 1:
                 raise ValueError(
                     f"AutoencoderKL.{method}: {name} of {height}x{width} are too small for this VAE: they reach a "
