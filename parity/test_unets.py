@@ -266,6 +266,7 @@ def sd15_config() -> dict:
                 down_block_types=list(SD_DOWN), up_block_types=list(SD_UP), layers_per_block=2, norm_num_groups=32)
 
 
+@pytest.mark.slow
 def test_full_size_sd15_unet():
     """SD 1.5-shaped UNet (860M random parameters), batch 1, 32x32 latents, weights copied in memory."""
     torch.manual_seed(0)

@@ -68,6 +68,7 @@ def test_vocabulary_lists_what_the_model_knows():
 
 
 # ---- what the images show -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_images_show_what_held_out_prompts_name(pipe):
     """24 prompts naming (colour, background) pairs no training image shows, seeds never used in training.
     An image counts only if every attribute its prompt names is measured in it."""
@@ -77,6 +78,7 @@ def test_images_show_what_held_out_prompts_name(pipe):
     assert result["fraction"] > 100 * result["chance"]  # chance: ~0.003
 
 
+@pytest.mark.slow
 def test_inversion_and_edit_change_the_colour_and_keep_the_shape(pipe):
     """12 random colour edits (DDIM inversion under the source prompt, resampling under the edited one): the new
     colour shows in every one, on the same background, and most keep the shape where it was (mask IoU >= 0.7);

@@ -35,6 +35,7 @@ def wait_for_steps(process, output_dir, steps: int, timeout: float = 120.0) -> N
     raise AssertionError(f"no step {steps} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_reproduces_the_losses(tmp_path):
     config = dict(max_train_steps=30, checkpointing_steps=4, num_sample_images=0)
     kill_after = random.Random().randint(5, 25)
@@ -51,6 +52,7 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_losses(tmp_path):
     assert logged_losses(tmp_path / "killed") == uninterrupted
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     options = dict(max_train_steps=4, checkpointing_steps=2, num_sample_images=2, train_batch_size=2)
     process = start_training(tiny_config(tmp_path / "ddp", **options), TORCHRUN, "--standalone", "--nproc_per_node",

@@ -8,6 +8,7 @@ samples (held-out real shapes: ~0.17), and every sample has the colour of its cl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minidiff.training import Trainer
@@ -21,6 +22,7 @@ CLOSER_THAN_UNTRAINED = 0.5  # samples' nearest-neighbour distance / the untrain
 COLOUR_ACCURACY = 0.8  # samples whose dominant colour is their class's
 
 
+@pytest.mark.slow
 def test_learns_the_synthetic_shapes(tmp_path):
     config = tiny_config(tmp_path / "run", resolution=16, block_out_channels=(16, 32), synthetic_images=256,
                          train_batch_size=16, max_train_steps=150, learning_rate=3e-3, lr_warmup_steps=20,
