@@ -17,11 +17,12 @@ __all__ = ["TrainConfig", "Trainer", "train", "training_step", "lr_factor", "mak
 
 
 def main(args: argparse.Namespace) -> int:
-    """``minidiff train``: bad options, data or folders end with a one-line error and exit status 2."""
+    """``minidiff train``: bad options, data or folders, or a failed write (a full disk, ...) end with a one-line
+    error and exit status 2."""
     try:
         config = config_from_args(args)
         losses = train(config)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError includes FileNotFoundError
         print(f"minidiff: error: {error}", file=sys.stderr)
         return 2
     if losses and int(os.environ.get("RANK", "0")) == 0:

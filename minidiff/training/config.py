@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from minidiff.configuration import check_choice
+from minidiff.schedulers.betas import BETA_SCHEDULES
 
 NOISE_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16")
+# The float options and the interval each must lie in ("inf": unbounded).
+NUMBER_RANGES = {"learning_rate": "(0, inf)", "caption_dropout": "[0, 1]", "adam_beta1": "[0, 1)",
+                 "adam_beta2": "[0, 1)", "adam_weight_decay": "[0, inf)", "adam_epsilon": "[0, inf)",
+                 "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)"}
+PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume")  # str or os.PathLike (kept as str)
+BOOL_OPTIONS = ("random_flip", "class_conditional", "use_ema", "overwrite", "progress")
 # Options a resumed run may change; every other option must equal the checkpoint's.
 RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite", "progress", "max_train_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "num_sample_images", "sample_steps", "train_batch_size",
@@ -73,9 +82,18 @@ class TrainConfig:
     num_sample_images: int = option(16, "images in each checkpoint's sample grid (0: none)")
     sample_steps: int = option(50, "DDIM steps for the sample grids")
     resume: str | None = option(None, "continue from the latest checkpoint of --output-dir (no value) or from a "
-                                      "checkpoint / run folder", nargs="?", const="latest")
+                                      "checkpoint / run folder; only " + ", ".join(
+                                          "--" + name.replace("_", "-") for name in RESUMABLE_CHANGES
+                                          if name not in ("resume", "overwrite")) +
+                                      " may differ from the checkpoint (keeping the global batch)",
+                                nargs="?", const="latest")
     overwrite: bool = option(False, "start over in an --output-dir that holds another run (deletes its outputs)")
     progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        for name in PATH_OPTIONS:  # a pathlib.Path is stored as str, so the config stays JSON (state.json)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
     @property
     def trajectory_options(self) -> dict[str, Any]:
@@ -89,6 +107,9 @@ class TrainConfig:
         """Raise a ValueError naming the first bad option and what it accepts."""
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder where checkpoints and the trained model go")
+        for name in PATH_OPTIONS:
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"{name} must be a path (str or os.PathLike), got {getattr(self, name)!r}")
         for name in ("synthetic_images", "layers_per_block", "train_batch_size", "gradient_accumulation_steps",
                      "max_train_steps", "checkpointing_steps", "sample_steps"):
             _check_at_least(name, getattr(self, name), 1)
@@ -98,19 +119,26 @@ class TrainConfig:
             _check_at_least("checkpoints_total_limit", self.checkpoints_total_limit, 1)
         if self.resolution is not None:
             _check_at_least("resolution", self.resolution, 8)
-        if not self.block_out_channels or min(self.block_out_channels) < 1:
-            raise ValueError(f"block_out_channels must be positive ints, got {self.block_out_channels!r}")
+        channels = self.block_out_channels
+        if isinstance(channels, str) or not channels or not all(_is_int(c) and c >= 1 for c in channels):
+            raise ValueError(f"block_out_channels must be a non-empty sequence of ints >= 1 (e.g. 32,64,64), got "
+                             f"{channels!r}")
         if self.attention_levels > len(self.block_out_channels):
             raise ValueError(f"attention_levels={self.attention_levels} exceeds the {len(self.block_out_channels)} "
                              "UNet levels of block_out_channels")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must lie in [0, 1], got {self.caption_dropout}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.ema_max_decay < 1.0:
-            raise ValueError(f"ema_max_decay must lie in [0, 1), got {self.ema_max_decay}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm}")
+        if self.num_train_timesteps is not None:
+            _check_at_least("num_train_timesteps", self.num_train_timesteps, 1)
+        if self.seed >= 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed}")
+        for name, interval in NUMBER_RANGES.items():
+            _check_in(name, getattr(self, name), interval)
+        if self.max_grad_norm is not None:
+            _check_in("max_grad_norm", self.max_grad_norm, "(0, inf)", " (or None for no clipping)")
+        for name in BOOL_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.beta_schedule is not None:
+            check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise_scheduler", self.noise_scheduler, NOISE_SCHEDULERS)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -121,9 +149,23 @@ class TrainConfig:
         return self
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_at_least(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_in(name: str, value: Any, interval: str, note: str = "") -> None:
+    """``value`` must be a finite number in ``interval``, written "[low, high)" etc. (inf: unbounded)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    inside = number and (low <= value if interval[0] == "[" else low < value) and (
+        value <= high if interval[-1] == "]" else value < high)
+    if not inside:
+        raise ValueError(f"{name} must lie in {interval}{note} (a finite number), got {value!r}")
 
 
 # ---- the command line -------------------------------------------------------------------------------------------

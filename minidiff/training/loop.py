@@ -6,7 +6,6 @@ on one process or data-parallel under torchrun.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -16,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minidiff.training import checkpoint, plots
-from minidiff.training.config import TrainConfig
+from minidiff.training import checkpoint, plots, train_log
+from minidiff.training.config import RESUMABLE_CHANGES, TrainConfig
 from minidiff.training.data import global_batch_indices, load_batch, micro_batch_positions, sample_generators
 from minidiff.training.distributed import Distributed, init_distributed, shutdown_distributed
 from minidiff.training.ema import EMAModel
@@ -82,7 +81,7 @@ class Trainer:
         self.model = dist.wrap(self.unet)
         self.optimizer = make_optimizer(self.unet.parameters(), config)
         self.ema = EMAModel(self.unet, config.ema_max_decay, config.ema_power) if config.use_ema else None
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.log_plan = 0, [], None
         if self.resume_from:
             self._resume(self.resume_from)
         self.dist.barrier()  # every process has read the output folder before rank 0 changes it
@@ -96,7 +95,7 @@ class Trainer:
         if os.path.isfile(folder):
             raise ValueError(f"output_dir {folder} is a file")
         if config.resume:
-            return checkpoint.find_checkpoint(config.resume, folder)
+            return checkpoint.find_checkpoint(config.resume, folder, check_trainer_state)
         entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         if entries and not config.overwrite:
             raise ValueError(f"output_dir {folder} is not empty (it holds {', '.join(entries[:5])}); pass --resume to "
@@ -113,19 +112,27 @@ class Trainer:
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.remove(path)
-        with open(os.path.join(folder, "train_log.jsonl"), "w", encoding="utf-8") as log:
-            for step, loss in enumerate(self.losses, 1):
-                log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        log_path = os.path.join(folder, train_log.LOG_NAME)
+        if self.log_plan is not None:
+            train_log.continue_log(log_path, self.log_plan)
+        else:
+            open(log_path, "w", encoding="utf-8").close()
 
     def _resume(self, path: str) -> None:
-        state = checkpoint.load_training_state(path, self.optimizer)
-        saved = state["config"]
-        problems = [f"{k}={v!r} (checkpoint: {saved.get(k)!r})" for k, v in self.config.trajectory_options.items()
-                    if saved.get(k) != v]
+        """Check the checkpoint against this run (options, global batch, the log), then restore everything."""
+        state = checkpoint.read_state(path)  # checked by find_checkpoint (check_trainer_state) already
+        problems = option_differences(self.config.trajectory_options, state["config"])
         if state["global_batch_size"] != self.global_batch:
-            problems.append(f"global batch {self.global_batch} (checkpoint: {state['global_batch_size']})")
+            problems.append(f"global batch {self.global_batch} (checkpoint: {state['global_batch_size']}) = "
+                            "train_batch_size x gradient_accumulation_steps x processes")
         if problems:
-            raise ValueError(f"cannot resume from {path} with different training options: {'; '.join(problems)}")
+            raise ValueError(f"cannot resume from {path} with different training options: {'; '.join(problems)}. "
+                             f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume (keeping the global batch); "
+                             "give the others as the checkpoint has them, or start a new run")
+        self.log_plan = train_log.plan_resume(os.path.join(self.config.output_dir, train_log.LOG_NAME),
+                                              state["losses"], self.config.max_train_steps)
+        names = [name for name, _ in self.unet.named_parameters()]
+        state = checkpoint.load_training_state(path, self.optimizer, names)
         checkpoint.load_model_weights(self.unet, os.path.join(path, "unet"))
         if self.ema is not None:
             checkpoint.load_model_weights(self.ema.model, os.path.join(path, "unet_ema"))
@@ -164,7 +171,7 @@ class Trainer:
         config = self.config
         show = config.progress and self.dist.is_main
         bar = tqdm(total=config.max_train_steps, initial=self.step, unit="step", disable=not show, dynamic_ncols=True)
-        log_path = os.path.join(config.output_dir, "train_log.jsonl")
+        log_path = os.path.join(config.output_dir, train_log.LOG_NAME)
         log = open(log_path, "a", encoding="utf-8") if self.dist.is_main else None
         with bar, log or contextlib.nullcontext():
             while self.step < config.max_train_steps:
@@ -174,14 +181,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 bar.update()
                 if log:
-                    log.write(json.dumps({"step": self.step, "loss": loss}) + "\n")
+                    log.write(train_log.log_line(self.step, loss))
                     log.flush()
                 if self.step % config.checkpointing_steps == 0 or self.step == config.max_train_steps:
                     self.save_checkpoint()
         if self.dist.is_main:
-            self.task.save(config.output_dir, self.sampling_unet)
+            self.export()
         self.dist.barrier()
         return self.losses
+
+    def export(self) -> None:
+        """The trained pipeline (EMA weights if kept) into ``output_dir``; a failed write says how to redo it."""
+        try:
+            self.task.save(self.config.output_dir, self.sampling_unet)
+        except OSError as error:
+            reason, fix = checkpoint.write_error(error)
+            raise OSError(error.errno, f"{reason} while exporting the trained model to {self.config.output_dir}; "
+                                       f"the checkpoint of step {self.step} is complete: {fix} and run again with "
+                                       "--resume to export it") from error
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     @property
@@ -196,9 +213,7 @@ class Trainer:
                                               self._state(), keep=self.config.checkpoints_total_limit)
             for name in ("loss.png", "samples.png"):  # the newest pictures also at the top of the run folder
                 if os.path.isfile(os.path.join(path, name)):
-                    latest = os.path.join(self.config.output_dir, name)
-                    shutil.copyfile(os.path.join(path, name), latest + ".tmp")
-                    os.replace(latest + ".tmp", latest)
+                    _replace_with_copy(os.path.join(path, name), os.path.join(self.config.output_dir, name))
         self.dist.barrier()
         return path
 
@@ -217,6 +232,49 @@ class Trainer:
         return {"losses": self.losses, "ema_updates": self.ema.num_updates if self.ema else 0,
                 "global_batch_size": self.global_batch, "config": self.config.trajectory_options,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _replace_with_copy(source: str, target: str) -> None:
+    """Copy ``source`` over ``target`` through a temporary file: ``target`` is whole before and after, or the
+    OSError says what happened (the checkpoint ``source`` came from is complete either way)."""
+    try:
+        shutil.copyfile(source, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(target + ".tmp")
+        raise OSError(error.errno, f"{checkpoint.write_error(error)[0]} while copying {source} to {target} (left "
+                                   "as it was); the checkpoint itself is complete") from error
+
+
+def option_differences(given: dict, saved: dict) -> list[str]:
+    """``"name=given (checkpoint: saved)"`` for each option whose value differs from the checkpoint's."""
+    return [f"{name}={value!r} (checkpoint: {saved[name]!r})" if name in saved else
+            f"{name}={value!r} (checkpoint: not recorded)"
+            for name, value in given.items() if name not in saved or saved[name] != value]
+
+
+def check_trainer_state(state: dict, checkpoint_dir: str) -> None:
+    """The fields the Trainer adds to state.json: a ValueError naming the first missing, mistyped or inconsistent
+    one (called on resume, after :func:`checkpoint.read_state` checked ``step`` and ``optimizer``)."""
+    def bad(problem: str):
+        raise ValueError(f"state.json in {checkpoint_dir}: {problem}")
+
+    for key, kind, what in (("losses", list, "a list"), ("ema_updates", int, "an int"),
+                            ("global_batch_size", int, "an int"), ("config", dict, "an object")):
+        if key not in state:
+            bad(f"{key!r} is missing")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            bad(f"{key!r} must be {what}, got {type(state[key]).__name__}")
+    step, losses = state["step"], state["losses"]
+    if len(losses) != step:
+        bad(f"'losses' has {len(losses)} entries but 'step' is {step}; the checkpoint is inconsistent")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses):
+        bad("'losses' must hold numbers only")
+    if not 0 <= state["ema_updates"] <= step:
+        bad(f"'ema_updates' must lie in [0, step={step}], got {state['ema_updates']}")
+    if state["global_batch_size"] < 1:
+        bad(f"'global_batch_size' must be >= 1, got {state['global_batch_size']}")
 
 
 def train(config: TrainConfig, dataset=None) -> list[float]:

@@ -177,16 +177,23 @@ def build_task(config: TrainConfig, device: torch.device, dataset=None):
     dataset = make_dataset(config, resolution, channels, dataset=dataset)
     num_classes = dataset_classes(dataset) if config.class_conditional else None
     if unet is None:
-        levels = len(config.block_out_channels)
-        if resolution % 2 ** (levels - 1):
-            raise ValueError(f"resolution {resolution} must be a multiple of {2 ** (levels - 1)} for a UNet with "
-                             f"{levels} levels")
+        check_resolution(resolution, len(config.block_out_channels))
         unet = new_unet(config, resolution, channels, num_classes)
     elif num_classes is not None and num_classes > unet.config.num_class_embeds:
         raise ValueError(f"the data has {num_classes} classes but the pretrained UNet embeds only "
                          f"{unet.config.num_class_embeds} (num_class_embeds)")
     scheduler = noise_scheduler(config, pretrained_scheduler.config if pretrained_scheduler else None)
     return PixelDiffusion(unet.to(device).train(), scheduler, resolution, num_classes), dataset
+
+
+def check_resolution(resolution: int, unet_levels: int, vae_factor: int = 1) -> None:
+    """Images must divide into whole latents (``vae_factor``) that the UNet halves ``unet_levels - 1`` times."""
+    multiple = vae_factor * 2 ** (unet_levels - 1)
+    if resolution % multiple:
+        vae = f"the VAE's downsampling {vae_factor} x " if vae_factor > 1 else ""
+        nearest = max(multiple, resolution // multiple * multiple)
+        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} ({vae}2^{unet_levels - 1} for a "
+                         f"UNet with {unet_levels} levels); try --resolution {nearest}")
 
 
 def _check_pretrained_unet(config: TrainConfig, unet, resolution: int) -> None:
@@ -208,8 +215,7 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
                          "pipeline is conditioned on captions")
     factor = pipe.vae_scale_factor
     resolution = config.resolution or pipe.unet.config.sample_size * factor
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
+    check_resolution(resolution, len(pipe.unet.config.block_out_channels), factor)
     dataset = make_dataset(config, resolution, 3, with_captions=True, dataset=dataset)
     prompts = [dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
     pipe.scheduler = noise_scheduler(config, pipe.scheduler.config)
