@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the main job: the built-in model (shipped in the package) draws a prompt, offline, in seconds
 generate: $(VENV)/.installed
-	$(VENV)/bin/minidiff generate --prompt "a red circle on a blue background" --output generated.png
+	$(VENV)/bin/minidiff generate --prompt "a red circle on a blue background" --output generated.png --overwrite
 
 report: $(VENV)/.installed
 	$(PY) -m parity

@@ -4,12 +4,16 @@ happened, stage by stage."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
+import PIL.Image
 import torch
+
+from minidiff.fileio import IMAGE_FORMATS, save_image
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -29,6 +33,161 @@ def stage(name: str, timings: list[tuple[str, float]]):
     timings.append((name, time.perf_counter() - start))
 
 
+ATTENTION_BACKENDS = ("sdpa", "math", "chunked")
+COMMANDS = {  # name -> (one line for `minidiff --help`, the description of `minidiff <name> --help`)
+    "generate": ("draw an image from a prompt (text to image)",
+                 "Draw an image from --prompt with classifier-free guidance and write it to --output."),
+    "img2img": ("redraw an image under a prompt (SDEdit)",
+                "Noise --image part of the way (--strength) and denoise it under --prompt."),
+    "inpaint": ("repaint the white part of a mask under a prompt",
+                "Repaint the white part of --mask in --image under --prompt; the black part is kept."),
+    "edit": ("edit an image by DDIM inversion under one prompt and resampling under another",
+             "Invert --image with DDIM under --source-prompt, then resample it from --start-step under --prompt. "
+             "Deterministic (DDIM with eta = 0, whatever the model's scheduler), so it takes no seed or scheduler."),
+}
+OVERWRITE_RULE = ("an existing --output is refused unless --overwrite is given; an --output naming an input "
+                  "(--image, --mask) is always refused")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except flags without one (None) and help texts that already state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_sampling_arguments(sub: argparse.ArgumentParser, name: str) -> None:
+    """The flags of ``name`` (generate, img2img, inpaint, edit): each one is used by that command's pipeline."""
+    sub.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the built-in model)")
+    if name != "generate":
+        sub.add_argument("--image", required=True, help="input image file")
+    if name == "inpaint":
+        sub.add_argument("--mask", required=True, help="mask image file, the size of --image (white = repaint)")
+    if name == "edit":
+        sub.add_argument("--source-prompt", required=True, help="a description of the input image")
+    sub.add_argument("--prompt", required=True, help="what to draw" + (" (the edited image)" if name == "edit" else ""))
+    if name != "edit":
+        sub.add_argument("--negative-prompt", help="what to steer away from (default: none)")
+    sub.add_argument("--steps", type=int, default=25, help="number of denoising steps (num_inference_steps)")
+    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
+    if name == "img2img":
+        sub.add_argument("--strength", type=float, default=0.8, help="how far to noise --image, in [0, 1]")
+    if name == "edit":
+        sub.add_argument("--start-step", type=int, default=10,
+                         help="step of the inverted trajectory to resample from, in [0, --steps - 1]; "
+                              "0 redraws from pure inverted noise, higher keeps more of --image")
+    if name != "edit":
+        sub.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the noise, an integer in [0, 2**64)")
+    if name in ("generate", "inpaint"):
+        sub.add_argument("--height", type=int, help="image height, a positive multiple of 8 (default: the model's)")
+        sub.add_argument("--width", type=int, help="image width, a positive multiple of 8 (default: the model's)")
+    sub.add_argument("--attention", choices=ATTENTION_BACKENDS,
+                     help="attention kernel for every model: sdpa (fused), math (the formula), chunked (query "
+                          "slices, bounded memory) (default: minidiff.ops' default, sdpa)")
+    sub.add_argument("--vae-tiling", action="store_true", help="decode (and encode) in tiles to bound VAE memory")
+    sub.add_argument("--output", default=f"{name}.png",
+                     help=f"image file to write ({', '.join(IMAGE_FORMATS)}); its folder is created if missing")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="minidiff", description=__doc__, epilog=f"Files: {OVERWRITE_RULE}.")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    for name, (summary, description) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter,
+                                  epilog=f"Files: {OVERWRITE_RULE}; images are written atomically.")
+        add_sampling_arguments(sub, name)
+    from minidiff.training.config import add_arguments
+
+    train = commands.add_parser("train", help="train or fine-tune a diffusion model", formatter_class=HelpFormatter,
+                                description="Train or fine-tune a UNet on an image folder (or the built-in shapes), "
+                                            "writing resumable checkpoints to --output-dir.")
+    add_arguments(train)
+    return parser.parse_args(argv)
+
+
+# ---- checks made before any model is loaded -----------------------------------------------------------------------
+def check_arguments(args: argparse.Namespace) -> None:
+    """Ranges of the numeric flags, each error naming the flag and what is accepted."""
+    if args.steps < 1:
+        raise ValueError(f"--steps (num_inference_steps) must be an integer >= 1, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if hasattr(args, "strength") and not 0.0 <= args.strength <= 1.0:
+        raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+    if hasattr(args, "start_step") and not 0 <= args.start_step < args.steps:
+        raise ValueError(f"--start-step must be in [0, {args.steps - 1}] (below --steps {args.steps}), "
+                         f"got {args.start_step}")
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed must be an integer in [0, 2**64), got {args.seed}")
+    for flag in ("height", "width"):
+        value = getattr(args, flag, None)
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--height and --width must be positive multiples of 8, got --{flag} {value}")
+
+
+def input_files(args: argparse.Namespace) -> dict[str, str]:
+    """``{flag: path}`` of the command's input images."""
+    return {flag: getattr(args, flag[2:]) for flag in ("--image", "--mask") if getattr(args, flag[2:], None)}
+
+
+def read_image(flag: str, path: str) -> PIL.Image.Image:
+    """The image file given to ``flag``, fully read, or an error naming the flag and the path."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; pass an image file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{flag} {path} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, PIL.Image.DecompressionBombError) as error:  # unreadable (permissions), truncated, huge
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{flag} {path} cannot be read: {reason.lower()}") from None
+    return image
+
+
+def same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output(path: str, inputs: dict[str, str], overwrite: bool) -> None:
+    """Refuse an --output that cannot be written or must not be: wrong extension, a folder, an input, an existing
+    file (without --overwrite), under a file, or in a read-only folder."""
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a folder; name an image file, e.g. {os.path.join(path, 'image.png')}")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in IMAGE_FORMATS:
+        raise ValueError(f"--output {path}: cannot write an image with the extension {extension or '(none)'}; "
+                         f"use one of {', '.join(IMAGE_FORMATS)}")
+    for flag, input_path in inputs.items():
+        if same_file(path, input_path):
+            raise ValueError(f"--output {path} is the {flag} file; choose another --output so the input is kept")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise ValueError(f"--output {path} exists and is not a regular file; choose another --output")
+        if not overwrite:
+            raise ValueError(f"--output {path} already exists; pass --overwrite to replace it, or choose another "
+                             "--output")
+    folder = os.path.dirname(os.path.realpath(path))  # where save_image writes (through a symlinked --output)
+    while not os.path.exists(folder):  # the nearest existing folder: the missing ones are created when saving
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {path}: {folder} is a file, not a folder; choose another --output")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: the folder {folder} is not writable; choose another --output")
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
 def load_pipeline(pipeline_class, model: str | None):
     """A diffusers folder, a single-file checkpoint, or (no --model) the built-in model."""
     if model is None:
@@ -44,81 +203,61 @@ def load_pipeline(pipeline_class, model: str | None):
     return pipeline_class.from_pretrained(model)  # a hub id: resolved from the local cache or a clear error
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="minidiff", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("generate", "img2img", "inpaint", "edit"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the built-in model)")
-        sub.add_argument("--prompt", required=True, help="what to draw (for edit: the target prompt)")
-        sub.add_argument("--negative-prompt", default=None)
-        sub.add_argument("--steps", type=int, default=25)
-        sub.add_argument("--guidance", type=float, default=7.5)
-        sub.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--height", type=int, default=None)
-        sub.add_argument("--width", type=int, default=None)
-        sub.add_argument("--output", default=f"{name}.png", help="where to write the PNG")
-        if name != "generate":
-            sub.add_argument("--image", required=True, help="input image file")
-        if name == "img2img":
-            sub.add_argument("--strength", type=float, default=0.8)
-        if name == "inpaint":
-            sub.add_argument("--mask", required=True, help="mask image file (white = repaint)")
-        if name == "edit":
-            sub.add_argument("--source-prompt", required=True, help="a description of the input image")
-            sub.add_argument("--start-step", type=int, default=10)
-    from minidiff.training.config import add_arguments
-
-    add_arguments(commands.add_parser("train", help="train or fine-tune a diffusion model"))
-    return parser.parse_args(argv)
+def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Image]):
+    """Call the command's pipeline with exactly the flags that command offers."""
+    if args.command == "edit":
+        return pipe.edit(images["--image"], args.source_prompt, args.prompt, num_inference_steps=args.steps,
+                         start_step=args.start_step, guidance_scale=args.guidance)
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed))
+    if args.command in ("generate", "inpaint"):
+        kwargs.update(height=args.height, width=args.width)
+    if args.command == "img2img":
+        kwargs.update(image=images["--image"], strength=args.strength)
+    if args.command == "inpaint":
+        kwargs.update(image=images["--image"], mask_image=images["--mask"])
+    return pipe(**kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import PIL.Image
+def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
+    """Check every flag and file, then load, sample and save, timing each stage."""
+    from minidiff import ops, pipelines, schedulers
 
-    from minidiff import pipelines, schedulers
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "train":
-        from minidiff.training import main as train_main
-
-        return train_main(args)
-    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise SystemExit(f"minidiff: --seed must be an integer in [0, 2**64), got {args.seed}")
+    check_arguments(args)
+    images = {flag: read_image(flag, path) for flag, path in input_files(args).items()}
+    check_output(args.output, input_files(args), args.overwrite)
     pipeline_class = {
         "generate": pipelines.StableDiffusionPipeline,
         "img2img": pipelines.StableDiffusionImg2ImgPipeline,
         "inpaint": pipelines.StableDiffusionInpaintPipeline,
         "edit": pipelines.StableDiffusionDDIMInversionPipeline,
     }[args.command]
+    with stage("load", timings):
+        pipe = load_pipeline(pipeline_class, args.model)
+        if getattr(args, "scheduler", None):
+            pipe.scheduler = getattr(schedulers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+        if args.vae_tiling:
+            pipe.enable_vae_tiling()
+    attention = ops.use_backend("attention", args.attention) if args.attention else nullcontext()
+    with stage("sample", timings), attention:
+        result = run_pipeline(pipe, args, images)
+    with stage("save", timings):
+        output = os.path.realpath(args.output)  # through a symlink, onto its target
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        save_image(result.images[0], output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``minidiff ...``: bad flags, files or models end with one line ``minidiff: error: ...`` and exit status 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "train":
+        from minidiff.training import main as train_main
+
+        return train_main(args)
     timings: list[tuple[str, float]] = []
     try:
-        with stage("load", timings):
-            pipe = load_pipeline(pipeline_class, args.model)
-            if args.scheduler:
-                pipe.scheduler = getattr(schedulers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-        generator = torch.Generator().manual_seed(args.seed)
-        with stage("sample", timings):
-            if args.command == "edit":
-                image = PIL.Image.open(args.image)
-                result = pipe.edit(image, args.source_prompt, args.prompt, num_inference_steps=args.steps,
-                                   start_step=args.start_step, guidance_scale=args.guidance)
-            else:
-                kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                              guidance_scale=args.guidance, generator=generator)
-                if args.command == "generate":
-                    kwargs.update(height=args.height, width=args.width)
-                if args.command == "img2img":
-                    kwargs.update(image=PIL.Image.open(args.image), strength=args.strength)
-                if args.command == "inpaint":
-                    kwargs.update(image=PIL.Image.open(args.image), mask_image=PIL.Image.open(args.mask),
-                                  height=args.height, width=args.width)
-                result = pipe(**kwargs)
-        with stage("save", timings):
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            result.images[0].save(args.output)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+        sample(args, timings)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
         print(f"minidiff: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
