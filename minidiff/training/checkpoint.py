@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from minidiff.fileio import fsync_dir
 from minidiff.loading.safetensors_io import load_safetensors, save_safetensors
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -122,15 +123,7 @@ def _fsync_tree(folder: str) -> None:
         for name in names:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_dir(folder)
 
 
 def save_checkpoint(run_dir: str, step: int, write_models: Callable[[str], None], optimizer: torch.optim.Optimizer,
@@ -161,7 +154,7 @@ def save_checkpoint(run_dir: str, step: int, write_models: Callable[[str], None]
         shutil.rmtree(stale)
     else:
         os.rename(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
