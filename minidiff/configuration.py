@@ -9,27 +9,39 @@ Every scheduler and model keeps its settings in ``self.config``, an instance of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any, Iterable
+
+import numpy as np
+import torch
 
 import minidiff
 
 
 class Config(Mapping):
-    """Base of every config dataclass: mapping access plus JSON round trips."""
+    """Base of every config dataclass: mapping access plus JSON round trips.
+
+    Besides its fields, a scheduler config may carry options of other scheduler classes that it was built from
+    (``EulerDiscreteScheduler.from_config(ddim.config)`` keeps ``clip_sample``), as diffusers does: they are
+    readable as ``config["clip_sample"]``, appear in ``dict(config)``, ``to_dict()`` and saved files, and are handed
+    on by ``from_config``, but they are not attributes and change nothing in the class that carries them.
+    """
 
     def __getitem__(self, key: str) -> Any:
-        if key not in self.field_names():
-            raise KeyError(key)
-        return getattr(self, key)
+        if key in self.field_names():
+            return getattr(self, key)
+        return self.carried_options()[key]
 
     def __iter__(self):
-        return iter(self.field_names())
+        return iter([*self.field_names(), *self.carried_options()])
 
     def __len__(self) -> int:
-        return len(self.field_names())
+        return len(self.field_names()) + len(self.carried_options())
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -39,8 +51,12 @@ class Config(Mapping):
         """The fields the caller set; the others hold defaults (diffusers' ``_use_default_values``)."""
         return getattr(self, "_explicit", frozenset(self.field_names()))
 
+    def carried_options(self) -> dict[str, Any]:
+        """Options of other classes kept for ``from_config`` to hand on (diffusers' "hidden" config keys)."""
+        return getattr(self, "_carried", {})
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: _jsonable(getattr(self, name)) for name in self.field_names()}
+        return {name: _jsonable(self[name]) for name in self}
 
 
 def _jsonable(value: Any) -> Any:
@@ -58,15 +74,111 @@ def check_choice(option: str, value: Any, accepted: Iterable[Any]) -> None:
         raise ValueError(f"{option}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
 
 
+@functools.cache
+def field_types(config_class: type[Config]) -> dict[str, Any]:
+    """The evaluated annotation of each field (they are strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(config_class)
+
+
+def describe_type(annotation: Any) -> str:
+    """An annotation in words for error messages: ``tuple[int, ...] | None`` -> "a list of int or None"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in args)
+    if annotation in (tuple, list):
+        return "a list"
+    if origin in (tuple, list):
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            return f"a list of {describe_type(args[0])}"
+        return f"a list of {len(args)} ({', '.join(map(describe_type, args))})"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+class _WrongType(Exception):
+    """Raised inside :func:`checked_value` when a value does not fit its annotation."""
+
+
+def checked_value(value: Any, annotation: Any) -> Any:
+    """``value`` checked against a field annotation (int, float, bool, str, Any, X | None, tuple[...], list[...]);
+    returns it with JSON lists turned into tuples for tuple fields. Raises _WrongType if it does not fit.
+    bool is not an int here, an int is a float, and an integral float such as 4.0 is not an int: real configs
+    written by diffusers or transformers hold JSON integers for integer options."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if annotation is type(None):
+        if value is None:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for member in args:
+            try:
+                return checked_value(value, member)
+            except _WrongType:
+                pass
+    elif annotation is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+    elif annotation is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation in (tuple, list) or origin in (tuple, list):
+        return _checked_sequence(value, annotation, origin, args)
+    raise _WrongType
+
+
+def _checked_sequence(value: Any, annotation: Any, origin: Any, args: tuple) -> Any:
+    """A list/tuple field: items checked; tuple fields get tuples. Arrays are accepted for list fields of numbers
+    (``trained_betas`` may be a numpy array or tensor, as in diffusers) and kept as they are."""
+    is_tuple = tuple in (annotation, origin)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and not is_tuple:
+        if value.ndim == 1 and (value.dtype.is_floating_point if isinstance(value, torch.Tensor)
+                                else np.issubdtype(value.dtype, np.number)):
+            return value
+        raise _WrongType
+    if not isinstance(value, (list, tuple)):
+        raise _WrongType
+    if not args:
+        return tuple(value) if is_tuple else value
+    item_types = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
+    if len(item_types) != len(value):
+        raise _WrongType
+    items = [checked_value(item, item_type) for item, item_type in zip(value, item_types)]
+    return tuple(items) if is_tuple else items
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
 def build_config(config_class: type[Config], owner: str, kwargs: dict[str, Any]) -> Config:
-    """Construct ``config_class(**kwargs)``, rejecting unknown keys with the list of accepted ones."""
+    """Construct ``config_class(**kwargs)``, rejecting unknown keys with the list of accepted ones and values whose
+    type does not fit the field's annotation (naming the option, the value and the expected type)."""
     known = set(config_class.field_names())
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
             f"{owner} got unknown config option(s) {unknown}; accepted options: {sorted(known)}"
         )
-    config = config_class(**kwargs)
+    annotations = field_types(config_class)
+    checked = {}
+    for key, value in kwargs.items():
+        try:
+            checked[key] = checked_value(value, annotations[key])
+        except _WrongType:
+            raise TypeError(
+                f"{owner} config option {key}={_short_repr(value)} has the wrong type {type(value).__name__}; "
+                f"expected {describe_type(annotations[key])}"
+            ) from None
+    config = config_class(**checked)
     object.__setattr__(config, "_explicit", frozenset(kwargs))
     return config
 
@@ -83,7 +195,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             "to load from a folder use from_pretrained(folder)"
         )
     if isinstance(config, Config):
-        return {key: value for key, value in config.items() if key in config.explicit_fields()}
+        explicit = config.explicit_fields() | set(config.carried_options())
+        return {key: value for key, value in config.items() if key in explicit}
     defaults = set(config.get("_use_default_values", ()))
     return {key: value for key, value in config.items() if key not in defaults and key != "_use_default_values"}
 
@@ -96,6 +209,8 @@ class ConfigMixin:
 
     config_class: type[Config]
     config_name: str = "config.json"
+    # from_config keeps options this class does not use (other classes' keys) and hands them on (schedulers)
+    carries_other_options: bool = False
 
     def register_config(self, kwargs: dict[str, Any]) -> Config:
         self.config = build_config(self.config_class, type(self).__name__, kwargs)
@@ -103,12 +218,21 @@ class ConfigMixin:
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any):
-        """Build from a config mapping; keys this class does not know (other schedulers' options,
-        ``_class_name``, ``_diffusers_version``) are ignored, as diffusers does."""
-        values = config_to_dict(config)
-        values.update(overrides)
+        """Build from a config mapping plus ``overrides`` (which must be options of this class). Keys of the mapping
+        that this class does not know are not passed to the constructor: private keys (``_class_name``, ...) are
+        dropped, other classes' options are carried in ``config`` when ``carries_other_options`` (schedulers, as in
+        diffusers) and ignored otherwise. Values that only held their class's default are left out, so this class
+        applies its own defaults."""
         known = set(cls.config_class.field_names())
-        return cls(**{key: value for key, value in values.items() if key in known})
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_config got unknown option(s) {unknown}; accepted: {sorted(known)}")
+        values = {**config_to_dict(config), **overrides}
+        instance = cls(**{key: value for key, value in values.items() if key in known})
+        if cls.carries_other_options:
+            carried = {key: value for key, value in values.items() if key not in known and not key.startswith("_")}
+            object.__setattr__(instance.config, "_carried", carried)
+        return instance
 
     @classmethod
     def load_config(cls, folder: str | os.PathLike, subfolder: str | None = None) -> dict[str, Any]:

@@ -2,11 +2,17 @@
 
 A scheduler is configured once (``DDIMScheduler(beta_schedule="scaled_linear")`` or ``from_config``), told how many
 steps to take (``set_timesteps(N)``), then walked by a sampling loop with ``step(model_output, t, x_t)``.
+
+Schedulers, and so the pipelines that hold them, are not thread-safe: a sampling run is state in the scheduler
+(its timesteps, step index and history). ``set_timesteps`` records the thread that owns the run, and ``step`` from
+any other thread while that run is set raises a RuntimeError. Give each thread its own pipeline
+(``copy.deepcopy(pipe)``) or scheduler (``type(s).from_config(s.config)``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +39,16 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class SchedulerMixin(ConfigMixin):
-    """Config handling plus the DDPM forward process; subclasses add ``set_timesteps`` and ``step``."""
+    """Config handling plus the DDPM forward process; subclasses add ``set_timesteps`` and ``step``.
+
+    Not thread-safe (see the module docstring): one sampling run at a time, driven by one thread.
+    """
 
     config_name = "scheduler_config.json"
+    carries_other_options = True  # from_config keeps other schedulers' options, as diffusers does
     order = 1
     timesteps: torch.Tensor | None = None
+    _run_thread: int | None = None  # the thread whose set_timesteps started the current run
 
     def __getattr__(self, name: str) -> Any:
         # `scheduler.num_train_timesteps` reads the config value, as diffusers allows and tutorials do.
@@ -106,10 +117,26 @@ class SchedulerMixin(ConfigMixin):
         """Alpha-bar schedulers feed x_t to the model unchanged."""
         return sample
 
+    # ---- one sampling run at a time ------------------------------------------------------------------------------
+    def _begin_run(self) -> None:
+        """Called by ``set_timesteps``: the calling thread now owns the sampling run."""
+        self._run_thread = threading.get_ident()
+
+    def _check_run_owner(self) -> None:
+        """A step from another thread than the one that called ``set_timesteps`` means two sampling loops share this
+        scheduler: their steps would interleave and both runs would be wrong."""
+        if self._run_thread is not None and self._run_thread != threading.get_ident():
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called from another thread than the one that called "
+                "set_timesteps(): a scheduler (and so a pipeline) is not thread-safe; give each thread its own "
+                "pipeline (copy.deepcopy(pipe)) or scheduler (type(s).from_config(s.config))"
+            )
+
     # ---- checks shared by step() implementations ---------------------------------------------------------------
     def _check_step_args(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
         if self.timesteps is None or getattr(self, "num_inference_steps", None) is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(num_inference_steps)")
+        self._check_run_owner()
         check_same_shape("model_output", model_output, "sample", sample)
 
 

@@ -59,19 +59,75 @@ def make_betas(config) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
     else:
         betas = betas_for_alpha_bar(T)
+    source = "trained_betas" if config.trained_betas is not None else f"beta_schedule={config.beta_schedule!r}"
+    check_betas(betas, source)
     if getattr(config, "rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
 
+def check_betas(betas: torch.Tensor, source: str) -> None:
+    """Every beta must be finite and in (0, 1), and alpha_bar must stay above 0 in float32; otherwise the
+    schedule's noise levels are NaN or infinite and every step would be too."""
+    bad = ~(torch.isfinite(betas) & (betas > 0) & (betas < 1))
+    if bad.any():
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"{source} gives beta[{k}]={float(betas[k])}; every beta must lie in the open interval (0, 1)")
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if alphas_cumprod[-1] <= 0:
+        k = int((alphas_cumprod <= 0).nonzero()[0])
+        raise ValueError(f"{source} drives alpha_bar to 0 at timestep {k} (betas too large for "
+                         f"num_train_timesteps={len(betas)}); use smaller betas or fewer num_train_timesteps")
+
+
+def check_range(option: str, value: float, low: float, high: float, low_closed: bool = False,
+                high_closed: bool = False) -> None:
+    """Raise a ValueError naming ``option``, the interval and the value unless ``value`` lies in it (NaN never does)."""
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    if not (above and below):
+        if high == math.inf:
+            raise ValueError(f"{option}={value!r} must be {'>=' if low_closed else '>'} {low} and finite")
+        interval = f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
+        raise ValueError(f"{option}={value!r} must lie in {interval}")
+
+
+# Numeric options some schedulers have, with the interval where they give finite steps:
+# option -> (low, high, low_closed, high_closed)
+OPTION_RANGES = {
+    "clip_sample_range": (0, math.inf, False, False),
+    "dynamic_thresholding_ratio": (0, 1, False, True),
+    "sample_max_value": (0, math.inf, False, False),
+    "sigma_min": (0, math.inf, False, False),
+    "sigma_max": (0, math.inf, False, False),
+    "lambda_min_clipped": (-math.inf, math.inf, True, False),
+}
+
+
 def check_common_options(config) -> None:
-    """Validate the options every scheduler shares; errors list the accepted values."""
-    if config.num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={config.num_train_timesteps} must be at least 1")
+    """Validate the options schedulers share, once for all of them: choices list the accepted values, numbers
+    name the interval they must lie in (betas in (0, 1), beta_start <= beta_end, ...)."""
+    T = config.num_train_timesteps
+    if T < 1:
+        raise ValueError(f"num_train_timesteps={T} must be at least 1")
     if config.trained_betas is None:
         check_choice("beta_schedule", config.beta_schedule, getattr(config, "beta_schedules", BETA_SCHEDULES))
+        if config.beta_schedule != "squaredcos_cap_v2":  # the cosine schedule ignores beta_start and beta_end
+            check_range("beta_start", config.beta_start, 0, 1)
+            check_range("beta_end", config.beta_end, 0, 1)
+            if config.beta_start > config.beta_end:
+                raise ValueError(f"beta_start={config.beta_start} must not exceed beta_end={config.beta_end}")
     check_choice("prediction_type", config.prediction_type, getattr(config, "prediction_types", PREDICTION_TYPES))
     check_choice("timestep_spacing", config.timestep_spacing, getattr(config, "timestep_spacings", TIMESTEP_SPACINGS))
+    if not 0 <= config.steps_offset < T:
+        raise ValueError(f"steps_offset={config.steps_offset} must lie in [0, num_train_timesteps - 1 = {T - 1}]")
+    for option, (low, high, low_closed, high_closed) in OPTION_RANGES.items():
+        value = getattr(config, option, None)
+        if value is not None:
+            check_range(option, value, low, high, low_closed, high_closed)
+    sigma_min, sigma_max = getattr(config, "sigma_min", None), getattr(config, "sigma_max", None)
+    if sigma_min is not None and sigma_max is not None and sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min={sigma_min} must be smaller than sigma_max={sigma_max}")
 
 
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:
@@ -84,14 +140,23 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
     return int(num_inference_steps)
 
 
-def integer_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int) -> np.ndarray:
+def integer_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int,
+                      beyond_last_ok: bool = False) -> np.ndarray:
     """Descending int64 timesteps for N of T steps (Lin et al. 2023, Table 2):
-    ``linspace`` spans [0, T-1] rounded; ``leading`` is ``k * (T // N) + steps_offset``; ``trailing`` ends at T-1."""
+    ``linspace`` spans [0, T-1] rounded; ``leading`` is ``k * (T // N) + steps_offset``; ``trailing`` ends at T-1.
+    A ``steps_offset`` that pushes the first timestep past T-1 is an error unless ``beyond_last_ok`` (the sigma
+    schedulers interpolate there, clamped, as diffusers does)."""
     T, N = num_train_timesteps, num_inference_steps
     if spacing == "linspace":
         return np.linspace(0, T - 1, N).round()[::-1].copy().astype(np.int64)
     if spacing == "leading":
-        return (np.arange(0, N) * (T // N)).round()[::-1].copy().astype(np.int64) + steps_offset
+        timesteps = (np.arange(0, N) * (T // N)).round()[::-1].copy().astype(np.int64) + steps_offset
+        if timesteps[0] >= T and not beyond_last_ok:
+            raise ValueError(
+                f"steps_offset={steps_offset} with num_inference_steps={N} gives timestep {timesteps[0]}, beyond "
+                f"num_train_timesteps - 1 = {T - 1}; use a smaller steps_offset or more steps"
+            )
+        return timesteps
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     return np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
 

@@ -75,6 +75,7 @@ class DDIMScheduler(SchedulerMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the N descending timesteps of the sampling run (``timestep_spacing``, ``steps_offset``)."""
         config = self.config
+        self._begin_run()
         self.num_inference_steps = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         timesteps = integer_timesteps(
             config.timestep_spacing, config.num_train_timesteps, self.num_inference_steps, config.steps_offset
@@ -97,8 +98,8 @@ class DDIMScheduler(SchedulerMixin):
         self._check_step_args(model_output, sample)
         config = self.config
         t = check_timestep(timestep, config.num_train_timesteps)
-        if eta < 0:
-            raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)")
+        if not 0 <= eta < float("inf"):
+            raise ValueError(f"eta={eta} must be >= 0 and finite (0: deterministic DDIM, 1: DDPM posterior variance)")
         # Kept from diffusers (huggingface/diffusers#12633): the step lands on t - T//N whatever the spacing, so with
         # "linspace"/"trailing" it need not be the next entry of self.timesteps.
         prev_t = t - config.num_train_timesteps // self.num_inference_steps
@@ -108,6 +109,9 @@ class DDIMScheduler(SchedulerMixin):
         x0, eps = predicted_x0_and_eps(model_output, sample, alpha_bar_t, config.prediction_type)
         x0 = clip_or_threshold(x0, config)
         std = eta * ddim_variance(alpha_bar_t, alpha_bar_prev) ** 0.5
+        if eta > 1 and std**2 > 1 - alpha_bar_prev:  # Eq. 12's sqrt(1 - abar_prev - sigma_t^2) would be NaN
+            raise ValueError(f"eta={eta} is too large for the step from timestep {t}: sigma_t^2 exceeds "
+                             "1 - alpha_bar_prev (DDIM Eq. 12); use eta <= 1")
         if use_clipped_model_output:  # the eps that, with the clipped x0, reproduces x_t
             eps = predicted_x0_and_eps(x0, sample, alpha_bar_t, "sample")[1]
 

@@ -53,6 +53,7 @@ class DDIMInverseScheduler(SchedulerMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """DDIMScheduler's timesteps in ascending order."""
         config = self.config
+        self._begin_run()
         self.num_inference_steps = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         descending = integer_timesteps(
             config.timestep_spacing, config.num_train_timesteps, self.num_inference_steps, config.steps_offset

@@ -104,10 +104,14 @@ class DDPMScheduler(SchedulerMixin):
                       timesteps: list[int] | None = None) -> None:
         """Sample in N steps (``timestep_spacing``, ``steps_offset``), or along a custom descending ``timesteps`` list."""
         config = self.config
+        self._begin_run()
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps takes exactly one of num_inference_steps or timesteps (a descending list)")
         if timesteps is not None:
-            chosen = np.asarray(timesteps, dtype=np.int64)
+            chosen = np.asarray(timesteps)
+            if chosen.size and chosen.dtype.kind not in "iu":  # 10.5 would be truncated to 10 without a word
+                raise ValueError(f"custom timesteps must be integers, got {list(timesteps)}")
+            chosen = chosen.astype(np.int64)
             if chosen.ndim != 1 or len(chosen) == 0 or np.any(np.diff(chosen) >= 0):
                 raise ValueError(f"custom timesteps must be a non-empty, strictly descending list, got {list(timesteps)}")
             if chosen[0] >= config.num_train_timesteps or chosen[-1] < 0:
@@ -159,6 +163,7 @@ class DDPMScheduler(SchedulerMixin):
         """x_t -> x_prev: the posterior mean around the predicted x0 plus noise, except at t = 0
         (DDPM Algorithm 2, where z = 0 for the last step)."""
         config = self.config
+        self._check_run_owner()
         t = check_timestep(timestep, config.num_train_timesteps)
         model_output, predicted_variance = self._split_predicted_variance(model_output, sample)
         prev_t = self.previous_timestep(t)

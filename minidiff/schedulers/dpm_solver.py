@@ -67,6 +67,7 @@ class DPMSolverMultistepSchedulerConfig(Config):
     time_shift_type: str = "exponential"
 
 
+FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 # Names other multistep solvers use for the same thing; diffusers maps them so configs can be swapped.
 ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
 SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
@@ -78,7 +79,8 @@ def dpm_timesteps(config, num_inference_steps: int, last_timestep: int) -> np.nd
     if config.timestep_spacing == "trailing":
         step = config.num_train_timesteps / num_inference_steps
         return np.arange(last_timestep, 0, -step).round().astype(np.int64) - 1
-    return integer_timesteps(config.timestep_spacing, last_timestep, num_inference_steps + 1, config.steps_offset)[:-1]
+    spacing, offset = config.timestep_spacing, config.steps_offset
+    return integer_timesteps(spacing, last_timestep, num_inference_steps + 1, offset, beyond_last_ok=True)[:-1]
 
 
 class NoiseLevel(NamedTuple):
@@ -169,8 +171,13 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
             raise ValueError(
                 "final_sigmas_type='zero' needs algorithm_type='dpmsolver++'; use final_sigmas_type='sigma_min'"
             )
+        # A DDPM config's fixed variance types mean "no learned variance" here too (diffusers ignores them);
+        # a learned variance (extra output channels) is not implemented.
+        if config.variance_type is not None and config.variance_type not in FIXED_VARIANCE_TYPES:
+            raise ValueError(f"{type(self).__name__}: variance_type={config.variance_type!r} is not supported by "
+                             f"minidiff; accepted: None or one of {FIXED_VARIANCE_TYPES} (no learned variance)")
         unsupported = dict(UNSUPPORTED_SIGMA_SPACINGS, use_lu_lambdas=False, use_flow_sigmas=False,
-                           variance_type=None, use_dynamic_shifting=False)
+                           use_dynamic_shifting=False)
         check_supported_defaults(type(self).__name__, config, unsupported)
         self._init_noise_schedule()
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
@@ -183,8 +190,12 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         """N integer timesteps (spacing per config, ending above t = 0, below any ``lambda_min_clipped`` cut);
         sigmas interpolated at them, or Karras sigmas (Eq. 5) with rounded timesteps; then the final sigma."""
         config = self.config
+        self._begin_run()
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped))
+        if clipped >= config.num_train_timesteps:
+            raise ValueError(f"lambda_min_clipped={config.lambda_min_clipped} clips away every training timestep "
+                             f"(the largest lambda is {float(self.lambda_t.max()):.4g}); use a smaller value")
         timesteps = dpm_timesteps(config, N, config.num_train_timesteps - clipped)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         if config.use_karras_sigmas:
@@ -194,6 +205,13 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
                 timesteps = timesteps.round()
         else:
             sigmas = interpolate_sigmas(timesteps, train_sigmas)
+        if np.any(np.diff(sigmas) >= 0):  # a repeated noise level: h = 0 and the multistep update divides by it
+            raise ValueError(
+                f"num_inference_steps={N} repeats a timestep (NaN steps, in diffusers too): DPM-Solver spaces N + 1 "
+                f"points over the {config.num_train_timesteps - clipped} usable training timesteps "
+                f"(num_train_timesteps={config.num_train_timesteps}, lambda_min_clipped={config.lambda_min_clipped}); "
+                "use fewer steps or use_karras_sigmas=True"
+            )
         final_sigma = train_sigmas[0].item() if config.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = with_final_sigma(sigmas, final_sigma)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)

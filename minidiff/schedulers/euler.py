@@ -91,6 +91,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         With ``log_linear`` the grid has N + 1 interpolated sigmas before the final one, as in diffusers, so the
         N steps end at the smallest training sigma rather than at 0."""
         config = self.config
+        self._begin_run()
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         self.num_inference_steps = N
         timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
@@ -128,6 +129,8 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         """One step of Karras et al. 2022, Algorithm 2 without the second-order correction. With ``s_churn > 0``
         noise ``N(0, s_noise^2)`` lifts x from sigma to sigma_hat before the Euler step. Works in float32."""
         reject_integer_timestep(f"{type(self).__name__}.step()", timestep, self.timesteps)
+        if not (0 <= s_churn < float("inf") and 0 <= s_noise < float("inf")):
+            raise ValueError(f"s_churn={s_churn} and s_noise={s_noise} must be finite and >= 0")
         i = self._begin_step(model_output, timestep, sample)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]

@@ -68,6 +68,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """N timesteps spaced per ``timestep_spacing``, sigmas interpolated at them, and a final sigma of 0."""
         config = self.config
+        self._begin_run()
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         self.num_inference_steps = N
         timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)

@@ -88,6 +88,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         """N timesteps spaced per ``timestep_spacing`` (fractional for linspace); sigmas interpolated at them, or
         Karras sigmas (Eq. 5) with their timesteps found by log-sigma interpolation; a final sigma of 0."""
         config = self.config
+        self._begin_run()
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         self.num_inference_steps = N
         timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
@@ -111,6 +112,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     ) -> SchedulerOutput | tuple:
         """One LMS step: x0 from the model output, the ODE derivative ``d = (x - x0) / sigma``, then the multistep
         update over the last ``min(step_index + 1, order)`` derivatives."""
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"order={order!r} must be a positive int (the number of derivatives LMS combines)")
         i = self._begin_step(model_output, timestep, sample)
         sigma = self.sigmas[i]
         pred_original_sample = sigma_predicted_x0(model_output, sample, sigma, self.config.prediction_type)

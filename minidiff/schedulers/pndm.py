@@ -97,6 +97,7 @@ class PNDMScheduler(SchedulerMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """PRK evaluation points for the first 3 steps (unless skipped), then the PLMS timesteps."""
         config = self.config
+        self._begin_run()
         steps = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         if not config.skip_prk_steps and steps < self.pndm_order:
             raise ValueError(

@@ -35,7 +35,8 @@ def float_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps:
     ``trailing`` are the integer grids of :func:`integer_timesteps` (Lin et al. 2023, Table 2)."""
     if spacing == "linspace":
         return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
-    return integer_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset).astype(np.float32)
+    timesteps = integer_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset, beyond_last_ok=True)
+    return timesteps.astype(np.float32)
 
 
 def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
