@@ -51,6 +51,7 @@ def model_class(component: str) -> type:
 def _folder_configs(folder: str) -> dict[str, Any]:
     """Component configs, tokenizer and scheduler from a local diffusers pipeline folder."""
     from minidiff import schedulers
+    from minidiff.loading.components import component_class
     from minidiff.loading.hub import resolve_folder
     from minidiff.text import CLIPTokenizer
 
@@ -61,7 +62,8 @@ def _folder_configs(folder: str) -> dict[str, Any]:
         path = os.path.join(folder, component, cls.config_name)
         configs[component] = cls.config_from_file_values(cls.load_config(folder, subfolder=component), path)
     scheduler_values = schedulers.SchedulerMixin.load_config(folder, subfolder="scheduler")
-    scheduler_class = getattr(schedulers, scheduler_values.get("_class_name", "PNDMScheduler"), schedulers.PNDMScheduler)
+    scheduler_path = os.path.join(folder, "scheduler", schedulers.SchedulerMixin.config_name)
+    scheduler_class = component_class("scheduler", scheduler_values.get("_class_name", "PNDMScheduler"), scheduler_path)
     configs["scheduler"] = scheduler_class.from_config(scheduler_values)
     configs["tokenizer"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     return configs

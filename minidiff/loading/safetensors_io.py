@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import torch
 from safetensors import SafetensorError
@@ -22,21 +23,50 @@ def with_variant(filename: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def _kind_of_file(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def require_regular_file(path: str, what: str = "file", allow_empty: bool = False) -> None:
+    """Refuse, before opening anything, a ``path`` that is missing, not a regular file (a directory, a FIFO that
+    would block, /dev/zero that never ends) or empty; ``what`` names the file's role in the message."""
+    try:
+        info = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise ValueError(f"{what} {path} cannot be read: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} is {_kind_of_file(info.st_mode)}, not a regular file")
+    if info.st_size == 0 and not allow_empty:
+        raise ValueError(f"{what} {path} is empty (0 bytes): re-save or re-download it")
+
+
+def _format_hint(path: str) -> str:
+    """Why a file that safetensors cannot parse may have that name: torch.save writes a zip archive (or, in its legacy
+    format, a pickle starting with torch's magic number)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if start in (b"PK\x03\x04", b"\x80\x02\x8a\x0a"):
+        return "; it looks like a pickled (torch.save) checkpoint: rename it to .ckpt (loaded with weights_only=True)"
+    return " (truncated or corrupt?)"
+
+
 def load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file {path} does not exist")
+    require_regular_file(path, "weight file")
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+        raise ValueError(f"{path} is not a readable safetensors file{_format_hint(path)}: {error}") from None
 
 
 def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
     """A flat state dict from ``.safetensors`` or (safely) a pickled ``.ckpt``/``.pt``/``.bin``."""
     if path.endswith(".safetensors"):
         return load_safetensors(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    require_regular_file(path, "checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
@@ -50,25 +80,79 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
         payload = payload["state_dict"]
     if not isinstance(payload, dict):
         raise ValueError(f"{path} holds a {type(payload).__name__}, not a state dict")
-    return {key: value for key, value in payload.items() if isinstance(value, torch.Tensor)}
+    tensors = {key: value for key, value in payload.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        keys = sorted(map(str, payload))[:5]
+        raise ValueError(f"{path} holds a dict with no tensors (keys: {keys}), not a state dict")
+    return tensors
+
+
+def read_shard_index(index_path: str, folder: str) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file), each shard checked to lie inside ``folder``
+    (``..``, absolute paths and symlinks leading out of it are refused)."""
+    require_regular_file(index_path, "shard index")
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON: {error}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path} is not a valid shard index: it needs a 'weight_map' object of "
+                         "tensor name -> shard file name (strings)")
+    roots = _trusted_roots(folder)
+    for key, shard in weight_map.items():
+        resolved = os.path.realpath(os.path.join(folder, shard))
+        if not any(os.path.commonpath([root, resolved]) == root != resolved for root in roots):
+            raise ValueError(f"{index_path}: weight_map[{key!r}] = {shard!r} points outside the model folder {folder}; "
+                             "shards must be files inside it")
+    return weight_map
+
+
+def _trusted_roots(folder: str) -> list[str]:
+    """Where a shard may really live: inside ``folder`` or, for a Hugging Face cache snapshot
+    (``models--owner--name/snapshots/<rev>/...``, whose files are symlinks to ``../blobs``), that repo's blobs."""
+    root = os.path.realpath(folder)
+    parent = root
+    while os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+        repo = os.path.dirname(parent)
+        if os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith("models--"):
+            return [root, os.path.join(repo, "blobs")]
+    return [root]
+
+
+def load_sharded(index_path: str, folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of the shards an index names; a tensor the index puts in a shard must be in that shard (tensors
+    a shard holds beyond the index are kept: the strict state-dict check reports any the model does not have)."""
+    weight_map = read_shard_index(index_path, folder)
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = load_safetensors(os.path.join(folder, shard))
+        absent = sorted(key for key, name in weight_map.items() if name == shard and key not in tensors)
+        if absent:
+            raise ValueError(f"{index_path} puts {len(absent)} tensor(s) in {shard} that it lacks: {absent[:5]}")
+        state_dict.update(tensors)
+    return state_dict
 
 
 def load_folder_weights(folder: str, weights_name: str, variant: str | None = None) -> dict[str, torch.Tensor]:
     """Weights of one model folder: ``weights_name`` (with ``variant``) or its sharded form with an index json."""
+    return load_weights_path(find_folder_weights(folder, weights_name, variant), folder)
+
+
+def load_weights_path(path: str, folder: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file or, for a ``*.index.json``, of every shard it names in ``folder``."""
+    return load_sharded(path, folder) if path.endswith(".index.json") else load_safetensors(path)
+
+
+def find_folder_weights(folder: str, weights_name: str, variant: str | None = None) -> str:
+    """The weights file of a model folder (or its shard index), or a FileNotFoundError listing what is there."""
     single = os.path.join(folder, with_variant(weights_name, variant))
-    if os.path.isfile(single):
-        return load_safetensors(single)
     index_path = os.path.join(folder, with_variant(weights_name + ".index.json", variant))
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{index_path} is not a valid shard index (needs a 'weight_map' object): {error}") from None
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state_dict.update(load_safetensors(os.path.join(folder, shard)))
-        return state_dict
+    for path in (single, index_path):
+        if os.path.lexists(path):  # lexists: a directory or FIFO of that name is reported as such, not as missing
+            return path
     present = sorted(name for name in os.listdir(folder) if name.endswith((".safetensors", ".json", ".bin", ".ckpt")))
     hint = " (try variant=... for files such as *.fp16.safetensors)" if any(".fp16." in p for p in present) else ""
     if any(name.endswith(".bin") for name in present) and not any(name.endswith(".safetensors") for name in present):

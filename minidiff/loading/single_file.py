@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from minidiff.loading.safetensors_io import load_checkpoint_file, save_safetensors
+from minidiff.loading.safetensors_io import load_checkpoint_file, require_regular_file, save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -253,8 +253,7 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     from minidiff.models.modeling import parse_dtype, skip_weight_init
 
     source = os.fspath(path)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    require_regular_file(source, "checkpoint")
     dtype = parse_dtype(torch_dtype)
     checkpoint = normalize_checkpoint(load_checkpoint_file(source))
     configs = builtin_configs.component_configs(detect_variant(checkpoint, source), config, prediction_type)

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from minidiff.configuration import ConfigMixin
+from minidiff.configuration import ConfigMixin, build_config
 from minidiff.loading.hub import resolve_folder
-from minidiff.loading.safetensors_io import load_folder_weights, save_safetensors, with_variant
+from minidiff.loading.safetensors_io import (
+    find_folder_weights, load_weights_path, require_regular_file, save_safetensors, with_variant,
+)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -75,6 +77,35 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             )
     if problems:
         raise ValueError(f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    check_weight_values(expected, state_dict, source)
+
+
+def check_weight_values(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse an integer/bool tensor where the model holds a floating one (load_state_dict would cast it silently)
+    and NaN/Inf values (they give an all-NaN image); integer buffers of the model stay integer and are accepted."""
+    not_float = [f"{key} ({state_dict[key].dtype})" for key, tensor in expected.items()
+                 if tensor.is_floating_point() and not state_dict[key].is_floating_point()]
+    if not_float:
+        raise ValueError(f"weights in {source} have {len(not_float)} non-floating tensor(s) where the model has "
+                         f"floating ones: {_preview(not_float)}; the file is not a float checkpoint of this model")
+    non_finite = [key for key, tensor in state_dict.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if non_finite:
+        counts = [f"{key} ({int((~torch.isfinite(state_dict[key])).sum())} values)" for key in non_finite]
+        raise ValueError(f"weights in {source} hold NaN/Inf in {len(non_finite)} tensor(s): {_preview(counts)}; "
+                         "the checkpoint is corrupt (or diverged in training): use an earlier one")
+
+
+def _check_model_folder(cls: type, folder: str, config_path: str) -> None:
+    """A clear error for a pipeline folder given where a model folder is expected, and for a config.json that is a
+    directory, FIFO or device (a missing one is reported by load_config)."""
+    if os.path.lexists(config_path):
+        require_regular_file(config_path, "config")
+    elif os.path.isfile(os.path.join(folder, "model_index.json")):
+        models = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, cls.config_name)))
+        raise FileNotFoundError(f"{folder} is a pipeline folder (model_index.json, no {cls.config_name}): "
+                                f"pass subfolder=, one of {models}, e.g. {cls.__name__}.from_pretrained(folder, "
+                                f"subfolder={(models or ['unet'])[0]!r})")
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -102,14 +133,23 @@ class ModelMixin(nn.Module, ConfigMixin):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @staticmethod
+    def _check_config(config: Any) -> None:
+        """The semantic checks of a typed config (each model's own); ValueErrors naming the key."""
+
     @classmethod
     def config_from_file_values(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
-        """The constructor kwargs in a config.json; unknown fields are an error naming the file."""
+        """The constructor kwargs in a config.json, checked before any layer is built: unknown fields, values of
+        the wrong type and invalid values are a one-line error naming the file and the key."""
         known = set(cls.config_class.field_names())
         values = {k: v for k, v in values.items() if not k.startswith("_") and k not in cls.ignored_config_keys}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path} has config field(s) {unknown} that {cls.__name__} does not know")
+        try:
+            cls._check_config(build_config(cls.config_class, cls.__name__, values))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{path}: {error}") from None
         return values
 
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,11 +176,13 @@ class ModelMixin(nn.Module, ConfigMixin):
         root = resolve_folder(pretrained_model_name_or_path)
         folder = os.path.join(root, subfolder) if subfolder else root
         config_path = os.path.join(folder, cls.config_name)
+        _check_model_folder(cls, folder, config_path)
         kwargs = cls.config_from_file_values(cls.load_config(root, subfolder=subfolder), config_path)
-        state_dict = load_folder_weights(folder, cls.weights_name, variant)
+        weights_path = find_folder_weights(folder, cls.weights_name, variant)
+        state_dict = load_weights_path(weights_path, folder)
         with skip_weight_init():
             model = cls(**kwargs)
-        model.load_weights(state_dict, source=folder)
+        model.load_weights(state_dict, source=weights_path)
         if dtype is not None:
             model.to(dtype)
         return model.eval()

@@ -15,24 +15,44 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from minidiff.loading.components import component_class
 from minidiff.loading.hub import resolve_folder
+from minidiff.loading.safetensors_io import require_regular_file
 from minidiff.pipelines.images import numpy_to_pil
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def component_class(kind: str, class_name: str) -> type:
-    """The minidiff class for a diffusers/transformers class name found in model_index.json."""
-    from minidiff import models, schedulers, text
+def _read_model_index(folder: str) -> tuple[str, dict[str, Any]]:
+    """The path and contents of ``folder``/model_index.json: a JSON object, or a ValueError naming the file."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.lexists(index_path):
+        looks_like = " (it has a config.json: a single model folder, load it with that model's from_pretrained)"
+        raise FileNotFoundError(
+            f"{index_path} does not exist: a pipeline folder needs model_index.json"
+            f"{looks_like if os.path.isfile(os.path.join(folder, 'config.json')) else ''} "
+            "(for a single .safetensors/.ckpt checkpoint use from_single_file)"
+        )
+    require_regular_file(index_path, "model_index.json")
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON ({error}); fix or re-download it") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path} must hold a JSON object of component -> [library, class], "
+                         f"found a {type(index).__name__}")
+    return index_path, index
 
-    for module in (models, schedulers, text):
-        if hasattr(module, class_name):
-            return getattr(module, class_name)
-    supported = sorted(n for m in (models, schedulers, text) for n in getattr(m, "__all__", []))
-    raise ValueError(
-        f"model_index.json names {class_name} for {kind!r}, which minidiff does not implement; supported classes: "
-        f"{supported}. Pass the component yourself, e.g. from_pretrained(folder, {kind}=...)"
-    )
+
+def _entry_class_name(index_path: str, name: str, entry: Any) -> str | None:
+    """The class name of one model_index.json entry ``[library, class]`` (None: the component is absent)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, list) or len(entry) != 2 or not all(i is None or isinstance(i, str) for i in entry):
+        raise ValueError(f"{index_path}: the {name!r} entry is {entry!r}; it must be [library, class name] "
+                         'such as ["diffusers", "UNet2DConditionModel"] (or [null, null] for none)')
+    return entry[1]
 
 
 class DiffusionPipeline:
@@ -91,24 +111,21 @@ class DiffusionPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant: str | None = None, **overrides):
         """Load every component from a diffusers pipeline folder; pass ``name=object`` to supply one yourself."""
         folder = resolve_folder(pretrained_model_name_or_path)
-        index_path = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise FileNotFoundError(
-                f"{index_path} does not exist: a pipeline folder needs model_index.json "
-                "(for a single .safetensors/.ckpt checkpoint use from_single_file)"
-            )
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
+        index_path, index = _read_model_index(folder)
         classes = {}  # check every entry before loading anything
         for name in cls.component_names:
-            entry = index.get(name)
             if name in overrides:
                 continue
-            if not entry or entry[1] is None:
+            class_name = _entry_class_name(index_path, name, index.get(name))
+            if class_name is None:
                 if name in cls.optional_components:
                     continue
                 raise ValueError(f"{index_path} has no entry for the {name!r} component {cls.__name__} needs")
-            classes[name] = component_class(name, entry[1])
+            classes[name] = component_class(name, class_name, index_path)
+        for name in classes:
+            if not os.path.isdir(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{index_path} lists {name!r} but {os.path.join(folder, name)} is not a "
+                                        f"folder; restore it or pass {name}=... to from_pretrained")
         components = {name: overrides.pop(name) for name in cls.component_names if name in overrides}
         for name, component_cls in classes.items():
             components[name] = _load_component(name, component_cls, folder, torch_dtype, variant)

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 from minidiff.configuration import check_choice
+from minidiff.loading.safetensors_io import require_regular_file
 from minidiff.text.bpe import END_OF_WORD, BytePairEncoder, byte_decode, bytes_to_unicode, normalize, pre_tokenize
 
 SHIPPED_MERGES_FILE = os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49408 - 2 * 256 - 2  # vocab 49408 = 256 byte chars + 256 with </w> + merges + 2 specials
 MODEL_MAX_LENGTH = 77  # CLIP's position table
-UNSET_MAX_LENGTH = 10**20  # transformers saves ~1e30 for "no limit"; such folders get CLIP's 77
+UNSET_MAX_LENGTH = 10**20  # transformers' LARGE_INTEGER: it saves VERY_LARGE_INTEGER (1e30) for "no limit"; we use 77
+MAX_TOKENS = 1_000_000  # no CLIP has this many positions: a longer max_length is a typo that would pad to GiBs
 TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                   "pad_token": "<|endoftext|>"}
@@ -95,7 +97,7 @@ class CLIPTokenizer:
         tokens = {role: _as_special_token(role, value, self.encoder) for role, value in given.items()}
         normalized = {token.content: token.normalized for token in tokens.values()}  # shared: the last role's flag wins
         self.special_tokens = {role: t._replace(normalized=normalized[t.content]) for role, t in tokens.items()}
-        self.model_max_length = model_max_length
+        self.model_max_length = _check_max_length(model_max_length, 2, "model_max_length")
         self.bpe = BytePairEncoder(self.encoder, merges, unk_id=self.unk_token_id)
         self._raw_special = _alternation([t for t, n in normalized.items() if not n])
         self._normalized_special = _alternation([t for t, n in normalized.items() if n])
@@ -125,7 +127,10 @@ class CLIPTokenizer:
         vocab, merges, added_tokens = _read_vocab_and_merges(folder)
         settings = _read_token_settings(folder, added_tokens)
         settings.update(overrides)
-        return cls(vocab, merges, **settings)
+        try:
+            return cls(vocab, merges, **settings)
+        except ValueError as error:  # a bad merge or special token: say which folder holds it
+            raise ValueError(f"tokenizer in {folder}: {error}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (transformers' layout)."""
@@ -217,8 +222,9 @@ class CLIPTokenizer:
         """Token ids and attention mask of one text or a batch, with transformers' padding/truncation rules.
 
         ``padding``: False, True/"longest" (to the longest in the batch) or "max_length". ``truncation``: True
-        cuts each sequence to ``max_length`` (bos/eos included) and warns with the removed text; None truncates only
-        when ``max_length`` is given without padding. ``max_length`` defaults to ``model_max_length`` where needed.
+        cuts each sequence to ``max_length`` (bos/eos included) and warns how many tokens it dropped; None
+        truncates only when ``max_length`` is given without padding. ``max_length`` (at most MAX_TOKENS) defaults
+        to ``model_max_length`` where needed.
         ``return_tensors``: None (lists), "pt" (long tensors) or "np" (int64 arrays), shaped (batch, length).
         """
         texts = [_check_text(text, "text")] if isinstance(text, str) else _check_texts(text)
@@ -242,7 +248,7 @@ class CLIPTokenizer:
         if max_length is None and (truncate or pad_to == "max_length"):
             max_length = self.model_max_length
         if max_length is not None:
-            _check_max_length(max_length, 2 if add_special_tokens else 1)
+            _check_max_length(max_length, 2 if add_special_tokens else 1, "max_length")
 
         sequences = []
         for text in texts:  # a loop, not a comprehension, so the truncation warning's stacklevel holds
@@ -256,9 +262,10 @@ class CLIPTokenizer:
         if max_length is not None:
             keep = max_length - (2 if add_special_tokens else 0)
             if len(ids) > keep:
+                total = len(ids) + max_length - keep
                 warnings.warn(
-                    f"The following part of your input was truncated because CLIP can only handle sequences up to "
-                    f"{max_length} tokens: {self.decode(ids[keep:])!r}",
+                    f"prompt is {total} tokens long; this tokenizer takes {max_length}, the last {len(ids) - keep} "
+                    "were truncated",
                     stacklevel=4,  # the caller of __call__ / encode
                 )
                 ids = ids[:keep]
@@ -353,10 +360,15 @@ def _check_texts(texts: Any) -> list[str]:
     return [_check_text(t, f"text[{i}]") for i, t in enumerate(texts)]
 
 
-def _check_max_length(max_length: Any, minimum: int) -> None:
+def _check_max_length(max_length: Any, minimum: int, name: str) -> int:
+    """``max_length`` / ``model_max_length``: an int from ``minimum`` to MAX_TOKENS (padding allocates that many)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < minimum:
         why = " (bos and eos take two places)" if minimum == 2 else ""
-        raise ValueError(f"max_length={max_length!r}: must be an int >= {minimum}{why}")
+        raise ValueError(f"{name}={max_length!r}: must be an int >= {minimum}{why}")
+    if max_length > MAX_TOKENS:
+        raise ValueError(f"{name}={max_length}: must be at most {MAX_TOKENS:,} tokens (CLIP text encoders take "
+                         f"{MODEL_MAX_LENGTH}); padding to it would allocate gigabytes")
+    return max_length
 
 
 def _as_tensor(rows: list[list[int]], return_tensors: str):
@@ -371,10 +383,42 @@ def _as_tensor(rows: list[list[int]], return_tensors: str):
 
 
 def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
+    """A JSON object file, None when absent, else a ValueError naming the file (directory, FIFO, bad JSON...)."""
+    if not os.path.lexists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    require_regular_file(path, "tokenizer file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object, found a {type(values).__name__}")
+    return values
+
+
+def _read_merges(path: str) -> list[tuple[str, str]]:
+    """merges.txt: an optional ``#version`` line, then one merge ``a b`` per line."""
+    require_regular_file(path, "tokenizer file")
+    merges = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                line = line.rstrip("\n")
+                if not line or line.startswith("#version"):
+                    continue
+                if line.count(" ") != 1:
+                    raise ValueError(f"{path} line {number}: {line!r} is not a merge 'a b'")
+                merges.append(tuple(line.split(" ")))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); fix or re-download it") from None
+    return merges
+
+
+def _check_vocab(vocab: Any, path: str) -> dict[str, int]:
+    if not all(isinstance(token, str) and isinstance(i, int) and not isinstance(i, bool) for token, i in vocab.items()):
+        raise ValueError(f"{path}: the vocabulary must map token strings to integer ids")
+    return vocab
 
 
 def _read_vocab_and_merges(folder: str) -> tuple[dict[str, int], list[tuple[str, str]], list[dict]]:
@@ -385,27 +429,18 @@ def _read_vocab_and_merges(folder: str) -> tuple[dict[str, int], list[tuple[str,
     vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     tokenizer_json = _read_json(os.path.join(folder, "tokenizer.json"))
     if tokenizer_json is not None and not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
-        model = tokenizer_json.get("model", {})
-        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
-            raise ValueError(f"{folder}/tokenizer.json is not a CLIP tokenizer (a BPE model with '</w>' word ends)")
+        model, path = tokenizer_json.get("model"), os.path.join(folder, "tokenizer.json")
+        if (not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD
+                or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list)):
+            raise ValueError(f"{path} is not a CLIP tokenizer (a BPE model with '</w>' word ends, vocab and merges)")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return model["vocab"], merges, tokenizer_json.get("added_tokens", [])
+        return _check_vocab(model["vocab"], path), merges, tokenizer_json.get("added_tokens", [])
     for path in (vocab_path, merges_path):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FileNotFoundError(
                 f"{path} does not exist: a CLIP tokenizer folder needs vocab.json and merges.txt (or tokenizer.json)"
             )
-    vocab = _read_json(vocab_path)
-    merges = []
-    with open(merges_path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\n")
-            if not line or line.startswith("#version"):
-                continue
-            if line.count(" ") != 1:
-                raise ValueError(f"{merges_path} line {number}: {line!r} is not a merge 'a b'")
-            merges.append(tuple(line.split(" ")))
-    return vocab, merges, []
+    return _check_vocab(_read_json(vocab_path), vocab_path), _read_merges(merges_path), []
 
 
 def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any]:
@@ -413,19 +448,40 @@ def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any
     resolves them: a token's ``normalized`` flag comes from the config's ``added_tokens_decoder`` (else from
     tokenizer.json's added tokens, else from the token's own dict); special_tokens_map.json counts only when the
     config has no ``added_tokens_decoder``."""
-    config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = _read_json(config_path) or {}
     tokens = {role: config[role] for role in TOKEN_ROLES if config.get(role) is not None}
     if "added_tokens_decoder" in config:
-        added_tokens = list(config["added_tokens_decoder"].values())
+        decoder = config["added_tokens_decoder"]
+        if not isinstance(decoder, dict):
+            raise ValueError(f"{config_path}: added_tokens_decoder must be an object of id -> token")
+        added_tokens = list(decoder.values())
     else:
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
         tokens.update({role: special_map[role] for role in TOKEN_ROLES if special_map.get(role) is not None})
+    for where, token in [*tokens.items(), *(("added token", t) for t in added_tokens)]:
+        if not (isinstance(token, dict) and isinstance(token.get("content"), str)
+                or isinstance(token, str) and where != "added token"):
+            raise ValueError(f"{folder}: {where} is {token!r}; a token is {{\"content\": string, ...}} "
+                             "(or, for a special token role, a string)")
     flags = {t["content"]: t.get("normalized", False) for t in added_tokens}
     settings: dict[str, Any] = {}
     for role, value in tokens.items():
         content = value if isinstance(value, str) else value["content"]
         normalized = flags.get(content, False if isinstance(value, str) else value.get("normalized", False))
         settings[role] = {"content": content, "normalized": normalized}
-    max_length = config.get("model_max_length") or MODEL_MAX_LENGTH
-    settings["model_max_length"] = MODEL_MAX_LENGTH if max_length > UNSET_MAX_LENGTH else int(max_length)
+    settings["model_max_length"] = _model_max_length(config.get("model_max_length"), folder)
     return settings
+
+
+def _model_max_length(value: Any, folder: str) -> int:
+    """tokenizer_config.json's model_max_length: absent, or transformers' "no limit" (>= 1e20, it writes 1e30),
+    gives CLIP's 77 (transformers would then neither pad nor truncate); else a positive int up to MAX_TOKENS."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= UNSET_MAX_LENGTH):
+        return MODEL_MAX_LENGTH
+    if isinstance(value, float) and value.is_integer():  # 77.0 written by some JSON tools
+        value = int(value)
+    try:
+        return _check_max_length(value, 2, "model_max_length")
+    except ValueError as error:
+        raise ValueError(f"{os.path.join(folder, 'tokenizer_config.json')}: {error}; CLIP tokenizers use 77") from None
