@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import minidiff
+from minidiff.loading.safetensors_io import require_regular_file
 
 
 class Config(Mapping):
@@ -241,11 +242,12 @@ class ConfigMixin:
         path = os.path.join(directory, cls.config_name)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory} is not a folder; {cls.__name__} expects a folder with {cls.config_name}")
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FileNotFoundError(
                 f"{path} does not exist: {cls.__name__}.from_pretrained needs a folder with {cls.config_name} "
                 "(pass subfolder= if the folder is a whole pipeline)"
             )
+        require_regular_file(path, "config")  # a directory, FIFO (never opened) or device is named as such
         try:
             with open(path, encoding="utf-8") as handle:
                 values = json.load(handle)

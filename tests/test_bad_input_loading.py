@@ -203,6 +203,14 @@ def test_config_that_is_not_a_regular_file(vae_folder, kind, message):
         minidiff.AutoencoderKL.from_pretrained(vae_folder)
 
 
+@pytest.mark.parametrize("kind, message", KINDS)
+def test_scheduler_config_that_is_not_a_regular_file(tmp_path, kind, message):
+    minidiff.DDIMScheduler().save_pretrained(tmp_path)
+    replace_with(tmp_path / "scheduler_config.json", kind)
+    with pytest.raises(ValueError, match=rf"config .*scheduler_config\.json {message}"):
+        minidiff.DDIMScheduler.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 @pytest.mark.parametrize("kind, message", KINDS[:3])
 def test_single_file_that_is_not_a_regular_file(tmp_path, suffix, kind, message):

@@ -16,7 +16,7 @@ from torch import nn
 from minidiff.configuration import ConfigMixin, build_config
 from minidiff.loading.hub import resolve_folder
 from minidiff.loading.safetensors_io import (
-    find_folder_weights, load_weights_path, require_regular_file, save_safetensors, with_variant,
+    find_folder_weights, load_weights_path, save_safetensors, with_variant,
 )
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -97,11 +97,9 @@ def check_weight_values(expected: dict[str, torch.Tensor], state_dict: dict[str,
 
 
 def _check_model_folder(cls: type, folder: str, config_path: str) -> None:
-    """A clear error for a pipeline folder given where a model folder is expected, and for a config.json that is a
-    directory, FIFO or device (a missing one is reported by load_config)."""
-    if os.path.lexists(config_path):
-        require_regular_file(config_path, "config")
-    elif os.path.isfile(os.path.join(folder, "model_index.json")):
+    """A clear error for a pipeline folder given where a model folder is expected (a config.json that is missing,
+    a directory or a FIFO is reported by load_config)."""
+    if not os.path.lexists(config_path) and os.path.isfile(os.path.join(folder, "model_index.json")):
         models = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, cls.config_name)))
         raise FileNotFoundError(f"{folder} is a pipeline folder (model_index.json, no {cls.config_name}): "
                                 f"pass subfolder=, one of {models}, e.g. {cls.__name__}.from_pretrained(folder, "
