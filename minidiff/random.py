@@ -7,6 +7,17 @@ import torch
 Generator = torch.Generator | list[torch.Generator] | None
 
 
+def check_generator(generator) -> None:
+    """None, a torch.Generator, or a list of them (one per sample)."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        bad = next(g for g in generators if not isinstance(g, torch.Generator))
+        raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), "
+                        f"got {type(bad).__name__} {bad!r}"[:200])
+    if isinstance(generator, list) and not generator:
+        raise ValueError("generator is an empty list; pass a torch.Generator or one per image")
+
+
 def randn_tensor(shape, generator: Generator = None, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Standard normal noise of ``shape``.
 
@@ -14,6 +25,7 @@ def randn_tensor(shape, generator: Generator = None, device=None, dtype: torch.d
     a list of generators draws one ``(1, ...)`` slice per batch element and concatenates them.
     The draw is made in ``dtype`` (fp16 and fp32 draws differ, as in diffusers).
     """
+    check_generator(generator)
     device = torch.device(device) if device is not None else torch.device("cpu")
     shape = tuple(shape)
     if isinstance(generator, list) and len(generator) == 1:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from minidiff.pipelines.checks import check_finite
 from minidiff.schedulers.betas import predicted_x0_and_eps
 
 
@@ -57,12 +58,14 @@ def sample_with_loss_guidance(
         raise ValueError(f"loss guidance needs an alpha-bar scheduler (DDPM, DDIM, PNDM), got {type(scheduler).__name__}")
     x = noise * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_inference_steps)
-    for t in progress(scheduler.timesteps):
+    for i, t in enumerate(progress(scheduler.timesteps)):
         x = x.detach().requires_grad_(True)
         noise_pred = unet(scheduler.scale_model_input(x, t), t).sample
+        check_finite(noise_pred, f"UNet output at step {i} (t={int(t)})")
         alpha_bar = scheduler.alphas_cumprod.to(x.device)[int(t)]
         x0, _ = predicted_x0_and_eps(noise_pred, x, alpha_bar, scheduler.config.prediction_type)
-        grad = torch.autograd.grad(loss_fn(x0) * loss_scale, x)[0]
+        grad = check_finite(torch.autograd.grad(loss_fn(x0) * loss_scale, x)[0], f"loss_fn gradient at step {i}",
+                            hint="check loss_fn and loss_scale")
         with torch.no_grad():
             x = scheduler.step(noise_pred.detach(), t, x.detach() - grad).prev_sample
     return x.detach()

@@ -10,14 +10,14 @@ from typing import Any, Callable
 
 import torch
 
+from minidiff.pipelines.checks import check_number, check_sampling_arguments
 from minidiff.pipelines.images import preprocess_image
 from minidiff.pipelines.stable_diffusion import StableDiffusionBase
 from minidiff.random import randn_tensor
 
 
 def check_strength(strength: float) -> None:
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    check_number("strength", strength, low=0.0, high=1.0)
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
@@ -75,12 +75,15 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     ):
         check_strength(strength)
         self.check_output_type(output_type)
+        check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale,
+                                 generator)
         if image is None:
-            raise ValueError("img2img needs an image (PIL image, numpy array or tensor)")
+            raise ValueError("img2img needs an image (PIL image, numpy array, tensor or file path)")
         device = self.device
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip)
         pixels = preprocess_image(image, scale=self.vae_scale_factor).to(device=device, dtype=text.dtype)
+        self.check_memory(batch, pixels.shape[-2], pixels.shape[-1], guidance_scale)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.strength_timesteps(num_inference_steps, strength)
@@ -90,7 +93,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i)
+            latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)

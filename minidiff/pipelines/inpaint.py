@@ -13,13 +13,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from minidiff.pipelines.checks import check_latents, check_sampling_arguments
 from minidiff.pipelines.images import default_size, preprocess_image, preprocess_mask
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline, check_strength
 from minidiff.random import randn_tensor
 
 
-def _size_of(image: Any) -> tuple[int, int]:
-    return default_size(image, None, None, 1)
+def _size_of(image: Any, name: str) -> tuple[int, int]:
+    return default_size(image, None, None, 1, name)
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
@@ -64,10 +65,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
     ):
         check_strength(strength)
         self.check_output_type(output_type)
+        check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, 0.0, generator)
+        check_latents("latents", latents)
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both image and mask_image")
-        if _size_of(image) != _size_of(mask_image):
-            raise ValueError(f"image is {_size_of(image)} (h, w) but mask_image is {_size_of(mask_image)}; they must match")
+        image_size, mask_size = _size_of(image, "image"), _size_of(mask_image, "mask_image")
+        if image_size != mask_size:
+            raise ValueError(f"image is {image_size} (h, w) but mask_image is {mask_size}; they must match")
         channels = self.unet.config.in_channels
         if channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
@@ -75,11 +79,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         device, do_cfg = self.device, guidance_scale > 1.0
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip)
+        self.check_memory(batch, height, width, guidance_scale)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.strength_timesteps(num_inference_steps, strength)
         pixels = preprocess_image(image, height, width, self.vae_scale_factor).to(device)  # (B, 3, H, W) in [-1, 1]
         mask = preprocess_mask(mask_image, height, width).to(device)  # (B, 1, H, W), 1 = repaint
+        if pixels.shape[0] != mask.shape[0] and 1 not in (pixels.shape[0], mask.shape[0]):
+            raise ValueError(f"image has {pixels.shape[0]} images but mask_image has {mask.shape[0]} masks; "
+                             "pass one mask for all images or one per image")
 
         # Random draws in diffusers' order: image latents (if needed), noise, masked-image latents.
         clean = None
@@ -92,6 +100,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                 latents = noise * self.scheduler.init_noise_sigma
             else:
                 latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
         else:
             noise = latents.to(device)
             latents = noise * self.scheduler.init_noise_sigma
@@ -101,8 +111,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra, step=i)
+            latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             if channels == 4:  # keep the unmasked region on the original image's noisy trajectory
                 keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])
                 repaint = mask.chunk(2)[0] if do_cfg else mask

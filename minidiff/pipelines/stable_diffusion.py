@@ -8,6 +8,7 @@ draw the starting latents, call the UNet with classifier-free guidance, decode l
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,10 +16,14 @@ import torch
 
 from minidiff.outputs import BaseOutput
 from minidiff.pipelines.base import DiffusionPipeline
+from minidiff.pipelines.checks import (
+    check_callback_result, check_clip_skip, check_embeds, check_finite, check_latents, check_prompt_text,
+    check_sampling_arguments, check_size,
+)
 from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.pipelines.images import OUTPUT_TYPES, postprocess
+from minidiff.pipelines.memory import check_activation_memory
 from minidiff.random import randn_tensor
-
 
 
 @dataclass
@@ -35,11 +40,8 @@ def prompt_batch(prompt, prompt_embeds) -> int:
         raise ValueError("pass a prompt (str or list of str) or prompt_embeds")
     if prompt is None:
         return prompt_embeds.shape[0]
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return len(prompt)
-    raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    check_prompt_text("prompt", prompt)
+    return 1 if isinstance(prompt, str) else len(prompt)
 
 
 class StableDiffusionBase(DiffusionPipeline):
@@ -54,6 +56,15 @@ class StableDiffusionBase(DiffusionPipeline):
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._normalize_scheduler_config(scheduler)
+        if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+            warnings.warn(f"tokenizer.model_max_length is {tokenizer.model_max_length} but the text encoder has "
+                          f"{text_encoder.config.max_position_embeddings} positions (max_position_embeddings); "
+                          f"prompts are padded and truncated to {self.prompt_length} tokens", stacklevel=2)
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens per prompt: the tokenizer's model_max_length, bounded by the text encoder's positions."""
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
 
     @staticmethod
     def _normalize_scheduler_config(scheduler) -> None:
@@ -72,9 +83,11 @@ class StableDiffusionBase(DiffusionPipeline):
         mask = tokens["attention_mask"].to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         ids = tokens["input_ids"].to(device)
         if clip_skip is None:
-            return self.text_encoder(ids, attention_mask=mask)[0]
-        hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        return self.text_encoder.final_layer_norm(hidden[-(clip_skip + 1)])
+            embeds = self.text_encoder(ids, attention_mask=mask)[0]
+        else:
+            hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            embeds = self.text_encoder.final_layer_norm(hidden[-(clip_skip + 1)])
+        return check_finite(embeds, "text encoder output", hint="check the text encoder weights")
 
     def encode_prompt(
         self,
@@ -89,16 +102,17 @@ class StableDiffusionBase(DiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D)."""
         device = device or self.device
+        self._check_text_inputs(negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         batch = prompt_batch(prompt, prompt_embeds)
-        max_length = self.tokenizer.model_max_length
+        max_length = self.prompt_length
         if prompt_embeds is None:
             texts = [prompt] if isinstance(prompt, str) else list(prompt)  # the tokenizer warns about what it cuts
             prompt_embeds = self._embed(texts, max_length, clip_skip, device)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
 
+        negatives = self._negative_texts(negative_prompt, prompt, batch)  # checked with or without guidance
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negatives = self._negative_texts(negative_prompt, prompt, batch)
             negative_prompt_embeds = self._embed(negatives, prompt_embeds.shape[1], None, device)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
@@ -109,6 +123,15 @@ class StableDiffusionBase(DiffusionPipeline):
                     f"{tuple(prompt_embeds.shape)}; they must match"
                 )
         return prompt_embeds, negative_prompt_embeds
+
+    def _check_text_inputs(self, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip) -> None:
+        check_prompt_text("negative_prompt", negative_prompt)
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        width = self.unet.config.cross_attention_dim
+        check_embeds("prompt_embeds", prompt_embeds, width)
+        check_embeds("negative_prompt_embeds", negative_prompt_embeds, width)
+        check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
 
     @staticmethod
     def _negative_texts(negative_prompt, prompt, batch: int) -> list[str]:
@@ -133,26 +156,30 @@ class StableDiffusionBase(DiffusionPipeline):
                           num_images_per_prompt: int, guidance_scale: float, clip_skip: int | None):
         """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive]."""
         do_cfg = guidance_scale > 1.0
-        batch = prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
                                                 prompt_embeds, negative_prompt_embeds, clip_skip)
-        return (torch.cat([negative, positive]) if do_cfg else positive), batch  # (2B or B, 77, D)
+        return (torch.cat([negative, positive]) if do_cfg else positive), positive.shape[0]  # (2B or B, 77, D)
 
     def after_step(self, callback: Callable | None, i: int, t, latents: torch.Tensor, **tensors) -> torch.Tensor:
         """Call ``callback_on_step_end(pipe, i, t, {"latents": ..., ...})``; it may return replacement latents."""
         if callback is None:
             return latents
-        return callback(self, i, t, {"latents": latents, **tensors}).get("latents", latents)
+        return check_callback_result(callback(self, i, t, {"latents": latents, **tensors}), latents, i)
 
     # ---- latents, UNet, VAE ------------------------------------------------------------------------------------------
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width): each the UNet's sample size in pixels when None, else a positive multiple of 8."""
+        check_size("height", height)
+        check_size("width", width)
         size = self.unet.config.sample_size
         size_h, size_w = (size, size) if isinstance(size, int) else size
-        height = height or size_h * self.vae_scale_factor
-        width = width or size_w * self.vae_scale_factor
-        if height % 8 or width % 8 or height < 0 or width < 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        height = size_h * self.vae_scale_factor if height is None else height
+        width = size_w * self.vae_scale_factor if width is None else width
         return height, width
+
+    def check_memory(self, batch: int, height: int, width: int, guidance_scale: float) -> None:
+        """Refuse (before any work) a size whose estimated activation memory exceeds the available memory."""
+        check_activation_memory(self.unet, self.vae, batch, height, width, guidance_scale > 1.0, self.device)
 
     def prepare_latents(self, batch_size: int, num_channels: int, height: int, width: int, dtype, device, generator,
                         latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,6 +187,7 @@ class StableDiffusionBase(DiffusionPipeline):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
+        check_latents("latents", latents)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -177,32 +205,41 @@ class StableDiffusionBase(DiffusionPipeline):
         return kwargs
 
     def predict_noise(self, latents, t, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
-                      extra_channels: torch.Tensor | None = None) -> torch.Tensor:
-        """UNet noise prediction at x_t; with CFG the batch is [uncond, cond] and the halves are combined."""
+                      extra_channels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+        """UNet noise prediction at x_t; with CFG the batch is [uncond, cond] and the halves are combined.
+        ``step`` (the loop index) only names the step in the error raised for a NaN/Inf prediction."""
         do_cfg = guidance_scale > 1.0
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:  # inpainting UNets: cat([latents, mask, masked image latents], dim=1)
             model_input = torch.cat([model_input, extra_channels], dim=1)
         noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        check_finite(noise_pred, f"UNet output at step {step} (t={int(t)})")
         return classifier_free_guidance(noise_pred, guidance_scale, guidance_rescale) if do_cfg else noise_pred
+
+    def scheduler_step(self, noise_pred, t, latents, step: int, scheduler=None, **step_kwargs) -> torch.Tensor:
+        """``scheduler.step(...).prev_sample`` (the pipeline's scheduler unless given), checked for NaN/Inf."""
+        scheduler = scheduler or self.scheduler
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        return check_finite(latents, f"latents after scheduler step {step} (t={int(t)})")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> VAE output (B, 3, H, W) in about [-1, 1], checked for NaN/Inf."""
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return check_finite(decoded, "VAE decode output", hint="check the VAE weights and dtype")
 
     def decode_latents(self, latents: torch.Tensor) -> Any:
         """Latents -> numpy images (B, H, W, 3) in [0, 1] (the older diffusers helper)."""
-        return postprocess(self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0], "np")
+        return postprocess(self.decode(latents), "np")
 
     def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode (unless ``output_type="latent"``) and package the images."""
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            images = postprocess(decoded, output_type)
+        images = latents if output_type == "latent" else postprocess(self.decode(latents), output_type)
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
 
     @staticmethod
     def check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported; accepted values: {list(OUTPUT_TYPES)}")
 
     # ---- memory ----------------------------------------------------------------------------------------------
@@ -254,16 +291,19 @@ class StableDiffusionPipeline(StableDiffusionBase):
     ):
         height, width = self.default_size(height, width)
         self.check_output_type(output_type)
+        check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, guidance_rescale,
+                                 generator)
         device = self.device
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip)
+        self.check_memory(batch, height, width, guidance_scale)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, text.dtype, device,
                                        generator, latents)
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i)
+            latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)
