@@ -88,15 +88,15 @@ def test_attention_backends_agree(model):
         model.set_attention_backend("flash3")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden_act="relu"), "hidden_act='relu' is not supported; accepted values: 'quick_gelu', 'gelu'"),
-    (dict(hidden_size=9), "hidden_size=9 is not divisible by num_attention_heads=2"),
-    (dict(attention_dropout=0.1), "attention_dropout=0.1 is not supported"),
-    (dict(eos_token_id=[2, 3]), r"eos_token_id must be one integer token id, got \[2, 3\]"),
-    (dict(hidden_dim=8), r"unknown config option\(s\) \['hidden_dim'\]"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(hidden_act="relu"), ValueError, "hidden_act='relu' is not supported; accepted values: 'quick_gelu', 'gelu'"),
+    (dict(hidden_size=9), ValueError, "hidden_size=9 is not divisible by num_attention_heads=2"),
+    (dict(attention_dropout=0.1), ValueError, "attention_dropout=0.1 is not supported"),
+    (dict(eos_token_id=[2, 3]), TypeError, r"eos_token_id=\[2, 3\] has the wrong type list; expected int"),
+    (dict(hidden_dim=8), ValueError, r"unknown config option\(s\) \['hidden_dim'\]"),
 ])
-def test_bad_config(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_config(kwargs, error, message):
+    with pytest.raises(error, match=message):
         CLIPTextModel(**{**TINY, **kwargs})
 
 

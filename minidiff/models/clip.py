@@ -23,6 +23,7 @@ from torch import nn
 from minidiff import ops
 from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
+from minidiff.models.checks import check_ints, check_positive_floats, fail
 from minidiff.models.modeling import ModelMixin
 from minidiff.outputs import BaseOutput
 
@@ -183,18 +184,28 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
     def __init__(self, **kwargs: Any):
         super().__init__()
         c = self.register_config(kwargs)
-        check_choice("hidden_act", c.hidden_act, ACTIVATIONS)
-        if c.hidden_size % c.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}"
-            )
-        if c.attention_dropout:
-            raise ValueError(f"attention_dropout={c.attention_dropout} is not supported; accepted value: 0.0")
-        if not isinstance(c.eos_token_id, int):
-            raise ValueError(f"eos_token_id must be one integer token id, got {c.eos_token_id!r}")
+        self._check_config(c)
         self.embeddings = CLIPTextEmbeddings(c)
         self.encoder = CLIPEncoder(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    @staticmethod
+    def _check_config(c: CLIPTextConfig) -> None:
+        check_choice("hidden_act", c.hidden_act, ACTIVATIONS)
+        check_ints(c, "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                   "max_position_embeddings")
+        check_ints(c, "num_hidden_layers", minimum=0)
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={c.hidden_size} is not divisible by num_attention_heads={c.num_attention_heads}; "
+                "use a num_attention_heads that divides hidden_size"
+            )
+        check_positive_floats(c, "layer_norm_eps")
+        if c.attention_dropout:
+            raise ValueError(f"attention_dropout={c.attention_dropout} is not supported; accepted value: 0.0")
+        if not 0 <= c.eos_token_id < c.vocab_size:
+            fail("eos_token_id", c.eos_token_id, f"is not a token id of the vocabulary (vocab_size={c.vocab_size})",
+                 "use the tokenizer's end-of-text id")
 
     @property
     def text_model(self) -> "CLIPTextModel":
@@ -224,12 +235,15 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
             handle.write("\n")
         return path
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None) -> None:
         c = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             got = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
                 else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, sequence), got {got}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no tokens; pass at least one")
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} tokens; max_position_embeddings is {c.max_position_embeddings}"
@@ -239,11 +253,23 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
                 f"input_ids hold token ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
                 f"vocab_size is {c.vocab_size}"
             )
+        if attention_mask is not None and not torch.is_tensor(attention_mask):
+            raise ValueError(f"attention_mask must be a tensor of the input_ids shape {tuple(input_ids.shape)}, "
+                             f"got {type(attention_mask).__name__}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected the input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
+        if position_ids is not None and not (
+            torch.is_tensor(position_ids) and not position_ids.is_floating_point() and position_ids.ndim == 2
+            and position_ids.shape[0] in (1, input_ids.shape[0]) and position_ids.shape[1] == input_ids.shape[1]
+            and 0 <= int(position_ids.min()) <= int(position_ids.max()) < c.max_position_embeddings
+        ):
+            got = tuple(position_ids.shape) if torch.is_tensor(position_ids) else type(position_ids).__name__
+            raise ValueError(f"position_ids must be integers in [0, {c.max_position_embeddings}) "
+                             f"(max_position_embeddings) of shape (1 or {input_ids.shape[0]}, {input_ids.shape[1]}), "
+                             f"got {got}")
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The hidden state at the end-of-text token (B, C).
@@ -267,7 +293,7 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
         return_dict: bool = True,
     ) -> CLIPTextModelOutput | tuple:
         """``input_ids`` (B, N) token ids, ``attention_mask`` (B, N) 1 = token, 0 = padding."""
-        self._check_inputs(input_ids, attention_mask)
+        self._check_inputs(input_ids, attention_mask, position_ids)
         hidden = self.embeddings(input_ids, position_ids)  # (B, N, C)
         mask = causal_attention_mask(attention_mask, input_ids.shape[1], hidden.dtype, hidden.device)
         all_hidden = [hidden]

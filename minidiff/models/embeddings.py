@@ -109,6 +109,13 @@ class TimestepEmbedding(nn.Module):
 CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 
 
+def check_class_embedding(class_embed_type: str | None, projection_input_dim: int | None) -> None:
+    """``class_embed_type`` is known, and the projections have their input size."""
+    check_choice("class_embed_type", class_embed_type, CLASS_EMBED_TYPES)
+    if class_embed_type in ("projection", "simple_projection") and projection_input_dim is None:
+        raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim")
+
+
 def make_class_embedding(
     class_embed_type: str | None,
     num_class_embeds: int | None,
@@ -124,9 +131,7 @@ def make_class_embedding(
     - ``"identity"``: the labels already are embedding vectors;
     - ``"projection"`` / ``"simple_projection"``: an MLP / a Linear from ``projection_input_dim`` features.
     """
-    check_choice("class_embed_type", class_embed_type, CLASS_EMBED_TYPES)
-    if class_embed_type in ("projection", "simple_projection") and projection_input_dim is None:
-        raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim")
+    check_class_embedding(class_embed_type, projection_input_dim)
     if class_embed_type is None:
         return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
     if class_embed_type == "timestep":

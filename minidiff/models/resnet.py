@@ -21,10 +21,11 @@ from minidiff.configuration import check_choice
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def get_activation(name: str) -> nn.Module:
-    """The activation module for a diffusers ``act_fn`` name (case-insensitive)."""
+def get_activation(name: str, key: str = "act_fn") -> nn.Module:
+    """The activation module for a diffusers ``act_fn`` name (case-insensitive); ``key`` names the config option."""
     if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; accepted values: {', '.join(map(repr, ACTIVATIONS))}")
+        raise ValueError(f"{key}: activation {name!r} is not supported; "
+                         f"accepted values: {', '.join(map(repr, ACTIVATIONS))}")
     return ACTIVATIONS[name.lower()]()
 
 
@@ -60,6 +61,15 @@ class Downsample2D(nn.Module):
             if self.out_channels != channels:
                 raise ValueError(f"Downsample2D without a conv keeps the channels: got {channels} -> {out_channels}")
             self.conv = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) this layer returns for an input of that size (0 where it cannot run)."""
+        def side(size: int) -> int:
+            if not self.use_conv:
+                return size // 2  # 2x2 average pool
+            padded = size + 1 if self.padding == 0 else size + 2 * self.padding
+            return (padded - 3) // 2 + 1 if padded >= 3 else 0
+        return side(height), side(width)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.use_conv and self.padding == 0:

@@ -17,13 +17,28 @@ from torch import nn
 
 from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
+from minidiff.models.checks import (
+    check_dropout,
+    check_groups_divide,
+    check_heads,
+    check_input_dtype,
+    check_ints,
+    check_not_empty,
+    check_output_scale,
+    check_positive_floats,
+    check_sample_size,
+    fail,
+)
 from minidiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, make_class_embedding
 from minidiff.models.modeling import ModelMixin
-from minidiff.models.resnet import activate_temporary, get_activation
+from minidiff.models.resnet import ResnetBlock2D, activate_temporary, get_activation
 from minidiff.models.unet_blocks import (
+    DOWN_BLOCK_TYPES,
     SAMPLER_TYPES,
+    UP_BLOCK_TYPES,
     ResnetOptions,
     UNetMidBlock2D,
+    check_block_type,
     get_down_block,
     get_up_block,
     run_unet_blocks,
@@ -51,30 +66,38 @@ def batch_timesteps(timestep: Any, batch_size: int, device: torch.device, float_
             f"timestep must be a number, a 0-d tensor or a 1-d tensor of 1 or {batch_size} (batch size) entries, "
             f"got shape {tuple(timestep.shape)}"
         )
+    if timestep.is_floating_point() and not torch.isfinite(timestep).all():
+        raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
     return timestep.expand(batch_size)
 
 
-def check_lengths(config: Config, *names: str) -> None:
-    """Per-block settings must have one entry per down block."""
-    count = len(config.down_block_types)
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, (list, tuple)) and len(value) != count:
-            raise ValueError(f"{name} has {len(value)} entries but there are {count} down_block_types "
-                             f"{list(config.down_block_types)}")
-
-
 def check_common_config(config: Config) -> None:
-    """The checks both UNets' configs need: resnet options, activation, groups, one block type per level."""
+    """The checks both UNets' configs need: block types, channel and group counts, one block type per level,
+    resnet options and the time embedding's frequencies."""
     check_choice("resnet_time_scale_shift", config.resnet_time_scale_shift, ("default", "scale_shift"))
     get_activation(config.act_fn)
-    if not isinstance(config.norm_num_groups, int):
-        raise ValueError(f"norm_num_groups must be an int, got {config.norm_num_groups!r}")
     down, up, channels = (list(getattr(config, name)) for name in ("down_block_types", "up_block_types",
                                                                      "block_out_channels"))
+    check_not_empty(config, "block_out_channels")
     if not len(down) == len(up) == len(channels):
         raise ValueError(f"down_block_types {down}, up_block_types {up} and block_out_channels {channels} "
                          "must have the same length")
+    for block_type in down:
+        check_block_type("down", block_type, DOWN_BLOCK_TYPES)
+    for block_type in up:
+        check_block_type("up", block_type, UP_BLOCK_TYPES)
+    check_ints(config, "in_channels", "out_channels", "block_out_channels", "norm_num_groups", "layers_per_block",
+               "time_embedding_dim", "num_class_embeds")
+    check_ints(config, "downsample_padding", minimum=0)
+    check_groups_divide(config)
+    check_positive_floats(config, "norm_eps")
+    check_output_scale(config, "mid_block_scale_factor")
+    check_dropout(config)
+    check_sample_size(config)
+    half = channels[0] // 2
+    if config.time_embedding_type == "positional" and half >= 1 and config.freq_shift == half:
+        fail("freq_shift", config.freq_shift, f"equals half of block_out_channels[0]={channels[0]}, which divides "
+             "the sinusoid frequencies by zero", "use freq_shift 0 or 1 and block_out_channels[0] >= 4")
 
 
 class UNetBase(AttentionBackendMixin, ModelMixin):
@@ -89,6 +112,39 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
                 f"sample has {sample.shape[1]} channels but {type(self).__name__} was built with "
                 f"in_channels={self.config.in_channels} (sample shape {tuple(sample.shape)})"
             )
+        check_input_dtype("sample", sample, self.dtype)
+        self._check_sample_size(sample)
+
+    def _check_sample_size(self, sample: torch.Tensor) -> None:
+        """Refuse, naming the size, what torch would fail on deep inside: a downsampler on a map too small for it, a
+        GroupNorm group holding one value (torch raises at batch 1 and returns the bias above), a "resnet"
+        upsampler that cannot restore an odd size to its skip connection's."""
+        name, (height, width) = type(self).__name__, sample.shape[-2:]
+        channels, groups = list(self.config.block_out_channels), self.config.norm_num_groups
+        attention_groups = getattr(self.config, "attn_norm_num_groups", None)  # UNet2DModel's mid-block attention
+        sizes = [(height, width)]  # (h, w) of each level
+        for block in self.down_blocks[:-1]:
+            sizes.append(self._downsampled(block, sizes[-1]))
+        for i, size in enumerate(sizes):
+            per_group = min(channels[max(i - 1, 0)], channels[i]) // groups  # the narrowest GroupNorm at level i
+            if i == len(channels) - 1 and attention_groups:
+                per_group = min(per_group, channels[i] // attention_groups)
+            if min(size) < 1 or size[0] * size[1] * per_group <= 1:
+                raise ValueError(f"{name}: sample of {height}x{width} is too small: level {i} would be "
+                                 f"{size[0]}x{size[1]}, too small to downsample or normalise; use a sample of at "
+                                 f"least {2 ** len(channels)}x{2 ** len(channels)}")
+        for i, block in enumerate(self.up_blocks[:-1]):  # up block i goes from level L-1-i to level L-2-i
+            below, above = sizes[len(sizes) - 1 - i], sizes[len(sizes) - 2 - i]
+            if isinstance(block.upsamplers[0], ResnetBlock2D) and above != (2 * below[0], 2 * below[1]):
+                multiple = 2 ** (len(channels) - 1)
+                raise ValueError(f"{name}: sample of {height}x{width} does not fit the resnet upsampler of up block "
+                                 f"{i}, which doubles {below[0]}x{below[1]}; use a height and width that are "
+                                 f"multiples of {multiple}")
+
+    @staticmethod
+    def _downsampled(block: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+        sampler = block.downsamplers[0]
+        return (sampler.downsample if isinstance(sampler, ResnetBlock2D) else sampler).output_size(*size)
 
     def _build_blocks(self, resnet: ResnetOptions, down_options: list[dict], up_options: list[dict]) -> None:
         """``down_blocks``/``up_blocks`` from the config; ``*_options[i]`` are the per-level extras of block i."""
@@ -107,7 +163,8 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
             for i, block_type in enumerate(self.config.up_block_types)
         )
 
-    def _class_embedding(self, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    def _class_embedding(self, class_labels: torch.Tensor | None, dtype: torch.dtype,
+                         batch_size: int) -> torch.Tensor | None:
         if self.class_embedding is None:
             if class_labels is not None:
                 raise ValueError(f"class_labels were given but this {type(self).__name__} has no class embedding "
@@ -115,9 +172,28 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
             return None
         if class_labels is None:
             raise ValueError(f"this {type(self).__name__} is class-conditioned: pass class_labels")
+        self._check_class_labels(class_labels, batch_size)
         if self.config.class_embed_type == "timestep":
             class_labels = self.time_proj(class_labels).to(dtype)  # labels embedded like timesteps
-        return self.class_embedding(class_labels).to(dtype)  # (B, time_embed_dim)
+        class_emb = self.class_embedding(class_labels).to(dtype)  # (B, time_embed_dim)
+        width = self.time_embedding.linear_2.out_features
+        if class_emb.ndim != 2 or class_emb.shape[0] not in (1, batch_size) or class_emb.shape[1] != width:
+            raise ValueError(f"class_labels of shape {tuple(class_labels.shape)} give a class embedding of shape "
+                             f"{tuple(class_emb.shape)}; expected ({batch_size}, {width})")
+        return class_emb
+
+    def _check_class_labels(self, class_labels: torch.Tensor, batch_size: int) -> None:
+        """Labels of a table (``num_class_embeds``) are integer ids in range; sinusoid-embedded labels are 1-d."""
+        if not torch.is_tensor(class_labels):
+            raise ValueError(f"class_labels must be a tensor, got {type(class_labels).__name__}")
+        table = isinstance(self.class_embedding, nn.Embedding)
+        if (table or self.config.class_embed_type == "timestep") and class_labels.ndim != 1:
+            raise ValueError(f"class_labels must be a 1-d tensor of {batch_size} labels, "
+                             f"got shape {tuple(class_labels.shape)}")
+        if table and (class_labels.is_floating_point() or class_labels.numel() and not
+                      0 <= int(class_labels.min()) <= int(class_labels.max()) < self.config.num_class_embeds):
+            raise ValueError(f"class_labels must be integer ids in [0, {self.config.num_class_embeds}) "
+                             f"(num_class_embeds), got {class_labels.tolist()}")
 
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None) -> torch.Tensor:
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
@@ -129,7 +205,7 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
 
 @dataclass
 class UNet2DConfig(Config):
-    sample_size: Any = None
+    sample_size: int | tuple[int, int] | None = None
     in_channels: int = 3
     out_channels: int = 3
     center_input_sample: bool = False
@@ -137,10 +213,10 @@ class UNet2DConfig(Config):
     time_embedding_dim: int | None = None
     freq_shift: int = 0
     flip_sin_to_cos: bool = True
-    down_block_types: tuple = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
     mid_block_type: str | None = "UNetMidBlock2D"
-    up_block_types: tuple = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    block_out_channels: tuple = (224, 448, 672, 896)
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
     layers_per_block: int = 2
     mid_block_scale_factor: float = 1
     downsample_padding: int = 1
@@ -218,6 +294,42 @@ class UNet2DModel(UNetBase):
         if c.time_embedding_type == "learned" and c.num_train_timesteps is None:
             raise ValueError("time_embedding_type='learned' needs num_train_timesteps")
         check_common_config(c)
+        for key in ("down_block_types", "up_block_types"):
+            for block_type in c[key]:
+                if "CrossAttn" in block_type:
+                    raise ValueError(f"{key}: {block_type} needs cross_attention_dim (UNet2DModel has no "
+                                     "cross-attention settings); use UNet2DConditionModel for text conditioning")
+        check_ints(c, "attention_head_dim", "attn_norm_num_groups", "num_train_timesteps")
+        UNet2DModel._check_attention_heads(c)
+        if c.attn_norm_num_groups is not None and c.block_out_channels[-1] % c.attn_norm_num_groups:
+            fail("attn_norm_num_groups", c.attn_norm_num_groups, f"does not divide the {c.block_out_channels[-1]} "
+                 "channels of the mid block's attention", "use a divisor of block_out_channels[-1] or None")
+
+    @staticmethod
+    def _check_attention_heads(c: UNet2DConfig) -> None:
+        """``attention_head_dim`` is the head size: at most the channels of each level with attention."""
+        if c.attention_head_dim is None:
+            return
+        channels = list(c.block_out_channels)
+        levels = [i for i, name in enumerate(c.down_block_types) if "Attn" in name]
+        levels += [len(channels) - 1 - i for i, name in enumerate(c.up_block_types) if "Attn" in name]
+        if c.mid_block_type is not None and c.add_attention:
+            levels.append(len(channels) - 1)
+        for level in sorted(set(levels)):
+            check_heads("attention_head_dim", c.attention_head_dim, level, channels[level] // c.attention_head_dim,
+                        channels[level], "this head size")
+
+    def _check_timesteps(self, timesteps: torch.Tensor) -> None:
+        """Fourier features embed log(sigma): sigma > 0; a learned table has num_train_timesteps rows."""
+        c = self.config
+        if c.time_embedding_type == "fourier" and not (timesteps > 0).all():
+            raise ValueError(f"time_embedding_type='fourier' takes the noise level sigma > 0 as timestep, got "
+                             f"{timesteps.tolist()} (python numbers are truncated to int: pass a float tensor)")
+        if c.time_embedding_type == "learned" and (timesteps.is_floating_point() or not
+                                                   0 <= int(timesteps.min()) <= int(timesteps.max())
+                                                   < c.num_train_timesteps):
+            raise ValueError(f"time_embedding_type='learned' takes integer timesteps in [0, {c.num_train_timesteps})"
+                             f" (num_train_timesteps), got {timesteps.tolist()}")
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True) -> UNet2DOutput | tuple:
@@ -229,9 +341,10 @@ class UNet2DModel(UNetBase):
         # as diffusers: python numbers (even floats) become int64 here, then t * ones(B) in that dtype
         timestep = timestep if torch.is_tensor(timestep) else int(timestep)
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.int64)  # (B,)
+        self._check_timesteps(timesteps)
 
         emb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))  # (B, C0 or 2 C0) -> (B, 4 C0)
-        class_emb = self._class_embedding(class_labels, self.dtype)
+        class_emb = self._class_embedding(class_labels, self.dtype, sample.shape[0])
         if class_emb is not None:
             emb = emb + class_emb
 

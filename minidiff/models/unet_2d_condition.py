@@ -18,9 +18,16 @@ import torch
 from torch import nn
 
 from minidiff.configuration import Config, check_choice
-from minidiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, make_class_embedding
+from minidiff.models.checks import check_heads, check_input_dtype, check_ints, check_output_scale, check_per_block, fail
+from minidiff.models.embeddings import (
+    GaussianFourierProjection,
+    TimestepEmbedding,
+    Timesteps,
+    check_class_embedding,
+    make_class_embedding,
+)
 from minidiff.models.resnet import get_activation
-from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_common_config, check_lengths
+from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_common_config
 from minidiff.models.unet_blocks import CrossAttentionOptions, ResnetOptions, UNetMidBlock2D, UNetMidBlock2DCrossAttn
 from minidiff.outputs import BaseOutput
 
@@ -43,31 +50,33 @@ class UNet2DConditionOutput(BaseOutput):
 
 @dataclass
 class UNet2DConditionConfig(Config):
-    sample_size: Any = None
+    sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    only_cross_attention: Any = False
-    block_out_channels: tuple = (320, 640, 1280, 1280)
-    layers_per_block: Any = 2
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1
     dropout: float = 0.0
     act_fn: str = "silu"
-    norm_num_groups: int | None = 32
+    norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: Any = 1280
-    transformer_layers_per_block: Any = 1
-    reverse_transformer_layers_per_block: Any = None
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    # one int for all, one per block, or one list (an int per resnet layer) per block
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
     encoder_hid_dim: int | None = None
     encoder_hid_dim_type: str | None = None
-    attention_head_dim: Any = 8
-    num_attention_heads: Any = None
+    attention_head_dim: int | tuple[int | None, ...] | None = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
     dual_cross_attention: bool = False
     use_linear_projection: bool = False
     class_embed_type: str | None = None
@@ -98,6 +107,25 @@ def per_block(value: Any, count: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
 
+def level_settings(c: UNet2DConditionConfig) -> dict[str, list]:
+    """The per-level settings, one entry per resolution level (``up_depths``: per up block, deepest first)."""
+    levels = len(c.block_out_channels)
+    depths = per_block(c.transformer_layers_per_block, levels)
+    return dict(
+        heads=per_block(c.num_attention_heads or c.attention_head_dim, levels),
+        head_dims=per_block(c.attention_head_dim, levels),
+        cross_dims=per_block(c.cross_attention_dim, levels),
+        layers=per_block(c.layers_per_block, levels),
+        depths=depths,
+        up_depths=list(c.reverse_transformer_layers_per_block or depths[::-1]),
+        only_cross=per_block(c.only_cross_attention, levels),
+    )
+
+
+def _is_pixel_attention(block_type: str) -> bool:
+    return block_type.removeprefix("UNetRes") in ("AttnDownBlock2D", "AttnUpBlock2D")
+
+
 class UNet2DConditionModel(UNetBase):
     """Text-conditioned denoising UNet: ``unet(sample, timestep, encoder_hidden_states).sample``.
 
@@ -119,9 +147,6 @@ class UNet2DConditionModel(UNetBase):
                                  padding=(c.conv_in_kernel - 1) // 2)
         if c.time_embedding_type == "fourier":
             time_embed_dim = c.time_embedding_dim or channels[0] * 2
-            if time_embed_dim % 2:
-                raise ValueError(f"time_embedding_type='fourier' needs an even time_embedding_dim, "
-                                 f"got {time_embed_dim}")
             self.time_proj = GaussianFourierProjection(time_embed_dim // 2, log=False,
                                                        flip_sin_to_cos=c.flip_sin_to_cos)
             timestep_input_dim = time_embed_dim
@@ -141,13 +166,9 @@ class UNet2DConditionModel(UNetBase):
         blocks_time_embed_dim = 2 * time_embed_dim if c.class_embeddings_concat else time_embed_dim
         resnet = ResnetOptions(temb_channels=blocks_time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
                                act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
-        heads = per_block(c.num_attention_heads or c.attention_head_dim, levels)
-        head_dims = per_block(c.attention_head_dim, levels)
-        cross_dims = per_block(c.cross_attention_dim, levels)
-        layers = per_block(c.layers_per_block, levels)
-        depths = per_block(c.transformer_layers_per_block, levels)
-        up_depths = c.reverse_transformer_layers_per_block or depths[::-1]
-        only_cross = per_block(c.only_cross_attention, levels)
+        settings = level_settings(c)
+        heads, head_dims, cross_dims, layers = (settings[key] for key in ("heads", "head_dims", "cross_dims", "layers"))
+        depths, up_depths, only_cross = settings["depths"], settings["up_depths"], settings["only_cross"]
 
         def level(i: int, down: bool) -> dict:
             j = i if down else levels - 1 - i  # up block i sits at the level of down block levels-1-i
@@ -191,17 +212,69 @@ class UNet2DConditionModel(UNetBase):
                 )
         check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
         check_choice("time_embedding_type", c.time_embedding_type, ("positional", "fourier"))
+        check_class_embedding(c.class_embed_type, c.projection_class_embeddings_input_dim)
         for name in ("time_embedding_act_fn", "timestep_post_act"):
             if getattr(c, name) is not None:
-                get_activation(getattr(c, name))
+                get_activation(getattr(c, name), name)
         check_common_config(c)
-        check_lengths(c, "only_cross_attention", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
-                      "layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block")
+        check_per_block(c, len(c.block_out_channels), "only_cross_attention", "attention_head_dim",
+                        "num_attention_heads", "cross_attention_dim", "layers_per_block",
+                        "transformer_layers_per_block", "reverse_transformer_layers_per_block")
         depths = c.transformer_layers_per_block
         if isinstance(depths, (list, tuple)) and c.reverse_transformer_layers_per_block is None and any(
             isinstance(d, (list, tuple)) for d in depths
         ):
             raise ValueError("per-layer transformer_layers_per_block lists need reverse_transformer_layers_per_block")
+        check_ints(c, "cross_attention_dim", "attention_head_dim", "num_attention_heads", "conv_in_kernel",
+                   "conv_out_kernel", "projection_class_embeddings_input_dim")
+        check_ints(c, "transformer_layers_per_block", "reverse_transformer_layers_per_block", minimum=0)
+        check_output_scale(c, "resnet_out_scale_factor")
+        for key in ("conv_in_kernel", "conv_out_kernel"):
+            if c[key] % 2 == 0:
+                fail(key, c[key], "an even kernel changes the image size", f"use an odd {key} such as 3")
+        if c.time_embedding_type == "fourier" and (c.time_embedding_dim or 2 * c.block_out_channels[0]) % 2:
+            fail("time_embedding_dim", c.time_embedding_dim, "time_embedding_type='fourier' needs an even "
+                 "time_embedding_dim", "use an even time_embedding_dim")
+        if c.class_embeddings_concat and c.class_embed_type is None and c.num_class_embeds is None:
+            fail("class_embeddings_concat", True, "there is no class embedding to concatenate",
+                 "set class_embed_type or num_class_embeds, or class_embeddings_concat=false")
+        UNet2DConditionModel._check_levels(c, level_settings(c))
+
+    @staticmethod
+    def _check_levels(c: UNet2DConditionConfig, settings: dict[str, list]) -> None:
+        """Heads fit the channels of each level that has attention; per-layer transformer depths have one entry
+        per resnet layer."""
+        channels, levels = list(c.block_out_channels), len(c.block_out_channels)
+        heads_key = "num_attention_heads" if c.num_attention_heads else "attention_head_dim"
+        cross_levels = [j for j, name in enumerate(c.down_block_types) if "CrossAttn" in name]
+        cross_levels += [levels - 1 - i for i, name in enumerate(c.up_block_types) if "CrossAttn" in name]
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            cross_levels.append(levels - 1)
+        cross_dims = {settings["cross_dims"][j] for j in cross_levels}
+        if len(cross_dims) > 1:
+            fail("cross_attention_dim", c.cross_attention_dim, f"gives the cross-attention levels different widths "
+                 f"{sorted(cross_dims)}, but one encoder_hidden_states tensor feeds them all",
+                 "give every cross-attention block the text encoder's hidden_size")
+        for j in sorted(set(cross_levels)):
+            heads = settings["heads"][j]
+            if heads is None:
+                fail("attention_head_dim", c.attention_head_dim, f"gives level {j} no number of heads",
+                     "set attention_head_dim (the number of heads, per block or for all)")
+            check_heads(heads_key, c[heads_key], j, heads, channels[j], "this head count")
+        pixel_levels = [(i, i) for i, name in enumerate(c.down_block_types) if _is_pixel_attention(name)]
+        pixel_levels += [(i, levels - 1 - i) for i, name in enumerate(c.up_block_types) if _is_pixel_attention(name)]
+        for i, j in pixel_levels:  # as diffusers, block i's head size is attention_head_dim[i], also for up blocks
+            head_dim = settings["head_dims"][i] or channels[j]
+            check_heads("attention_head_dim", c.attention_head_dim, j, channels[j] // head_dim, channels[j],
+                        "this head size")
+        for key, blocks in (("transformer_layers_per_block", [(j, j, 0) for j in range(levels)]),
+                            ("reverse_transformer_layers_per_block", [(i, levels - 1 - i, 1) for i in range(levels)])):
+            depths = settings["depths" if key == "transformer_layers_per_block" else "up_depths"]
+            for i, j, extra in blocks:
+                needed = settings["layers"][j] + extra
+                if isinstance(depths[i], (list, tuple)) and len(depths[i]) != needed:
+                    fail(key, c[key], f"block {i} has {needed} resnet layer(s) but {len(depths[i])} depth(s)",
+                         f"give block {i} one depth per resnet layer ({needed})")
 
     def _check_encoder_hidden_states(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
         dims = sorted({m.cross_attention_dim for m in self.attention_modules() if m.is_cross_attention})
@@ -210,12 +283,18 @@ class UNet2DConditionModel(UNetBase):
         if encoder_hidden_states is None:
             raise ValueError(f"this UNet2DConditionModel cross-attends to text: pass encoder_hidden_states "
                              f"of shape (B, tokens, {dims[0]})")
+        if not torch.is_tensor(encoder_hidden_states):
+            raise ValueError(f"encoder_hidden_states must be a tensor (B, tokens, {dims[0]}), "
+                             f"got {type(encoder_hidden_states).__name__}")
         shape = tuple(encoder_hidden_states.shape)
         if encoder_hidden_states.ndim != 3 or shape[-1] not in dims or shape[0] != sample.shape[0]:
             raise ValueError(
                 f"encoder_hidden_states must have shape (B={sample.shape[0]}, tokens, cross_attention_dim="
                 f"{dims[0] if len(dims) == 1 else dims}), got {shape}"
             )
+        if shape[1] == 0:
+            raise ValueError(f"encoder_hidden_states of shape {shape} hold no tokens; pass at least one")
+        check_input_dtype("encoder_hidden_states", encoder_hidden_states, self.dtype)
 
     def forward(
         self,
@@ -246,7 +325,7 @@ class UNet2DConditionModel(UNetBase):
 
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
         emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
-        class_emb = self._class_embedding(class_labels, sample.dtype)
+        class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
         if self.time_embed_act is not None:

@@ -323,10 +323,12 @@ def _strip_prefix(block_type: str) -> str:
     return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
 
 
-def _check_block_type(kind: str, block_type: str, supported: tuple[str, ...]) -> str:
+def check_block_type(kind: str, block_type: str, supported: tuple[str, ...]) -> str:
+    """The block class name of a ``{kind}_block_types`` entry (diffusers' ``UNetRes`` prefix dropped)."""
     name = _strip_prefix(block_type)
     if name not in supported:
-        raise ValueError(f"{kind} block type {block_type!r} is not supported; supported types: {', '.join(supported)}")
+        raise ValueError(f"{kind}_block_types: {kind} block type {block_type!r} is not supported; "
+                         f"supported types: {', '.join(supported)}")
     return name
 
 
@@ -353,7 +355,7 @@ def get_down_block(
 ) -> DownBlock2D:
     """Build a down block by diffusers' type name. As in diffusers, ``downsample_type`` only concerns
     AttnDownBlock2D, and ``resnet_skip_time_act``/``resnet_out_scale_factor`` only ResnetDownsampleBlock2D."""
-    name = _check_block_type("down", block_type, DOWN_BLOCK_TYPES)
+    name = check_block_type("down", block_type, DOWN_BLOCK_TYPES)
     common = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, resnet=resnet)
     if name == "DownBlock2D":
         return DownBlock2D(**common, downsample="conv" if add_downsample else None,
@@ -386,7 +388,7 @@ def get_up_block(
     resnet_out_scale_factor: float = 1.0,
 ) -> UpBlock2D:
     """Build an up block by diffusers' type name (see ``get_down_block`` for which options reach which block)."""
-    name = _check_block_type("up", block_type, UP_BLOCK_TYPES)
+    name = check_block_type("up", block_type, UP_BLOCK_TYPES)
     common = dict(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
                   num_layers=num_layers, resnet=resnet)
     if name == "UpBlock2D":

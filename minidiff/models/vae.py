@@ -13,6 +13,7 @@ built without a time embedding.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +24,15 @@ from torch import nn
 
 from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
+from minidiff.models.checks import (
+    check_groups_divide,
+    check_input_dtype,
+    check_ints,
+    check_not_empty,
+    check_positive_floats,
+    check_sample_size,
+    fail,
+)
 from minidiff.models.modeling import ModelMixin
 from minidiff.models.resnet import ACTIVATIONS, Upsample2D, activate_temporary
 from minidiff.models.unet_blocks import DownBlock2D, ResnetOptions, UNetMidBlock2D
@@ -304,15 +314,28 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
     @staticmethod
     def _check_config(c: AutoencoderKLConfig) -> None:
         check_choice("act_fn", c.act_fn.lower() if isinstance(c.act_fn, str) else c.act_fn, ACTIVATIONS)
+        check_not_empty(c, "block_out_channels")
+        _check_block_types("down_block_types", c.down_block_types, "DownEncoderBlock2D")
+        _check_block_types("up_block_types", c.up_block_types, "UpDecoderBlock2D")
         levels = len(c.block_out_channels)
         for option in ("down_block_types", "up_block_types"):
             if len(c[option]) != levels:
                 raise ValueError(
                     f"{option} has {len(c[option])} entries but block_out_channels has {levels}; give one per level"
                 )
-        bad = [channels for channels in c.block_out_channels if channels % c.norm_num_groups]
-        if bad:
-            raise ValueError(f"norm_num_groups={c.norm_num_groups} does not divide block_out_channels {bad}")
+        check_ints(c, "in_channels", "out_channels", "latent_channels", "block_out_channels", "norm_num_groups",
+                   "layers_per_block")
+        check_groups_divide(c)
+        check_sample_size(c)
+        check_positive_floats(c, "scaling_factor")
+        if c.shift_factor is not None and not math.isfinite(c.shift_factor):
+            fail("shift_factor", c.shift_factor, "must be a finite number", "set shift_factor to a number or null")
+        for key in ("latents_mean", "latents_std"):
+            values = c[key]
+            if values is not None and (len(values) != c.latent_channels or not all(map(math.isfinite, values))
+                                       or (key == "latents_std" and min(values) <= 0)):
+                fail(key, values, f"needs {c.latent_channels} (latent_channels) finite numbers"
+                     + (", all > 0" if key == "latents_std" else ""), "give one value per latent channel or null")
 
     # -- slicing / tiling switches (diffusers' names) --
     def enable_slicing(self) -> None:
@@ -322,6 +345,11 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
         self.use_slicing = False
 
     def enable_tiling(self) -> None:
+        """Tiles are ``sample_size`` pixels; each must keep at least 2 latent pixels to overlap and blend."""
+        if self.tile_latent_min_size < 2:
+            smallest = 2 ** len(self.config.block_out_channels)
+            fail("sample_size", self.config.sample_size, f"tiles of {self.tile_sample_min_size} pixels are "
+                 f"{self.tile_latent_min_size} latent pixels, too small to blend", f"use sample_size >= {smallest}")
         self.use_tiling = True
 
     def disable_tiling(self) -> None:
@@ -334,6 +362,7 @@ class AutoencoderKL(ModelMixin, AttentionBackendMixin):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"AutoencoderKL.{method} expects {name} of shape (B, {channels}, H, W), got {got}")
+        check_input_dtype(name, x, self.dtype)
 
     def _check_size(self, method: str, name: str, x: torch.Tensor) -> None:
         """Raise, naming the fix, where torch would fail deep inside: a map downsampled below 1 pixel, or a GroupNorm
