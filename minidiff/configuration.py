@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import minidiff
-from minidiff.loading.safetensors_io import require_regular_file
+from minidiff.loading.safetensors_io import read_json_object
 
 
 class Config(Mapping):
@@ -247,15 +247,7 @@ class ConfigMixin:
                 f"{path} does not exist: {cls.__name__}.from_pretrained needs a folder with {cls.config_name} "
                 "(pass subfolder= if the folder is a whole pipeline)"
             )
-        require_regular_file(path, "config")  # a directory, FIFO (never opened) or device is named as such
-        try:
-            with open(path, encoding="utf-8") as handle:
-                values = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(values).__name__}")
-        return values
+        return read_json_object(path, "config")  # a directory, FIFO (never opened) or device is named as such
 
     def save_config(self, folder: str | os.PathLike) -> str:
         os.makedirs(folder, exist_ok=True)

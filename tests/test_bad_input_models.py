@@ -157,7 +157,7 @@ def damage(folder, edit) -> str:
 
 FOLDER_ERRORS = [
     (UNet2DConditionModel, "{not json", ValueError, r"config.json is not valid JSON"),
-    (UNet2DConditionModel, "[1, 2]", ValueError, r"config.json must hold a JSON object, found list"),
+    (UNet2DConditionModel, "[1, 2]", ValueError, r"config.json must hold a JSON object, found a list"),
     (UNet2DConditionModel, lambda c: c.update(block_out_channels="8,16"), TypeError,
      r"config.json: UNet2DConditionModel config option block_out_channels='8,16' has the wrong type str"),
     (UNet2DConditionModel, lambda c: c.update(block_out_channels=[8, -16]), ValueError,

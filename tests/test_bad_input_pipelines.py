@@ -19,16 +19,9 @@ from minidiff.pipelines import memory
 from minidiff.pipelines.checks import NonFiniteError
 from minidiff.pipelines.images import preprocess_image, preprocess_mask
 from tests.tiny_components import tiny_components, tiny_pipeline
+from tests.training_fixtures import one_thread  # noqa: F401  (autouse: tiny models run fastest single-threaded)
 
 NAN = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

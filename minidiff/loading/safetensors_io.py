@@ -10,6 +10,8 @@ import json
 import os
 import stat
 
+from typing import Any
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -42,6 +44,24 @@ def require_regular_file(path: str, what: str = "file", allow_empty: bool = Fals
         raise ValueError(f"{what} {path} is {_kind_of_file(info.st_mode)}, not a regular file")
     if info.st_size == 0 and not allow_empty:
         raise ValueError(f"{what} {path} is empty (0 bytes): re-save or re-download it")
+
+
+def read_json(path: str, what: str) -> Any:
+    """The parsed JSON of ``path``, a regular file (see require_regular_file); invalid JSON names the file."""
+    require_regular_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
+
+
+def read_json_object(path: str, what: str, expected: str = "a JSON object") -> dict:
+    """``read_json`` for files that must hold an object (configs, indexes, vocabularies)."""
+    values = read_json(path, what)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold {expected}, found a {type(values).__name__}")
+    return values
 
 
 def _format_hint(path: str) -> str:
@@ -90,12 +110,7 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
 def read_shard_index(index_path: str, folder: str) -> dict[str, str]:
     """The ``weight_map`` of a shard index (tensor name -> shard file), each shard checked to lie inside ``folder``
     (``..``, absolute paths and symlinks leading out of it are refused)."""
-    require_regular_file(index_path, "shard index")
-    try:
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{index_path} is not valid JSON: {error}") from None
+    index = read_json(index_path, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path} is not a valid shard index: it needs a 'weight_map' object of "

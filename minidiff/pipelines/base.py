@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from minidiff.loading.components import component_class
 from minidiff.loading.hub import resolve_folder
-from minidiff.loading.safetensors_io import require_regular_file
+from minidiff.loading.safetensors_io import read_json_object
 from minidiff.pipelines.images import numpy_to_pil
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -33,16 +33,8 @@ def _read_model_index(folder: str) -> tuple[str, dict[str, Any]]:
             f"{looks_like if os.path.isfile(os.path.join(folder, 'config.json')) else ''} "
             "(for a single .safetensors/.ckpt checkpoint use from_single_file)"
         )
-    require_regular_file(index_path, "model_index.json")
-    try:
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{index_path} is not valid JSON ({error}); fix or re-download it") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_path} must hold a JSON object of component -> [library, class], "
-                         f"found a {type(index).__name__}")
-    return index_path, index
+    return index_path, read_json_object(index_path, "model_index.json",
+                                        "a JSON object of component -> [library, class]")
 
 
 def _entry_class_name(index_path: str, name: str, entry: Any) -> str | None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from minidiff.configuration import check_choice
-from minidiff.loading.safetensors_io import require_regular_file
+from minidiff.loading.safetensors_io import read_json_object, require_regular_file
 from minidiff.text.bpe import END_OF_WORD, BytePairEncoder, byte_decode, bytes_to_unicode, normalize, pre_tokenize
 
 SHIPPED_MERGES_FILE = os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")
@@ -386,15 +386,7 @@ def _read_json(path: str) -> dict | None:
     """A JSON object file, None when absent, else a ValueError naming the file (directory, FIFO, bad JSON...)."""
     if not os.path.lexists(path):
         return None
-    require_regular_file(path, "tokenizer file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a JSON object, found a {type(values).__name__}")
-    return values
+    return read_json_object(path, "tokenizer file")
 
 
 def _read_merges(path: str) -> list[tuple[str, str]]:

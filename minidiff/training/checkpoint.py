@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidiff.fileio import fsync_dir
-from minidiff.loading.safetensors_io import load_safetensors, save_safetensors
+from minidiff.loading.safetensors_io import load_safetensors, read_json, save_safetensors
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = os.path.join("training_state", "state.json")
@@ -199,11 +199,7 @@ def read_state(checkpoint: str) -> dict[str, Any]:
     path = os.path.join(checkpoint, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    state = read_json(path, "training state")
     problem = _state_problem(state)
     if problem:
         raise ValueError(f"state.json in {checkpoint}: {problem}")
