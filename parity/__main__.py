@@ -10,7 +10,7 @@ from parity.report import RECORDS, component_summary, markdown_table
 
 def main(argv: list[str]) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
-    exit_code = pytest.main([here, "-q", "-p", "no:warnings", *argv])
+    exit_code = pytest.main([here, "-q", "-p", "no:warnings", "-m", "", *argv])  # every case, slow ones too
     table = markdown_table()
     print("\n## minidiff parity report\n")
     print(table if RECORDS else "(no parity case ran)")
