@@ -18,7 +18,7 @@ import minidiff
 from minidiff.pipelines import memory
 from minidiff.pipelines.checks import NonFiniteError
 from minidiff.pipelines.images import preprocess_image, preprocess_mask
-from tests.tiny_components import tiny_components, tiny_pipeline
+from tests.tiny_components import run_tiny, tiny_components, tiny_pipeline
 from tests.training_fixtures import one_thread  # noqa: F401  (autouse: tiny models run fastest single-threaded)
 
 NAN = float("nan")
@@ -45,10 +45,7 @@ def inversion():
 
 
 def run(pipe, **kwargs):
-    args = dict(prompt="a red circle", num_inference_steps=1, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args)
+    return run_tiny(pipe, **{"num_inference_steps": 1, **kwargs})  # one step is enough to reach every check
 
 
 RED = PIL.Image.new("RGB", (32, 32), "red")

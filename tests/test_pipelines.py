@@ -11,7 +11,7 @@ import torch
 
 import minidiff
 from minidiff.pipelines.images import postprocess, preprocess_image, preprocess_mask
-from tests.tiny_components import tiny_pipeline
+from tests.tiny_components import run_tiny, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,26 +19,19 @@ def pipe():
     return tiny_pipeline(minidiff.StableDiffusionPipeline)
 
 
-def run(pipe, **kwargs):
-    args = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0))
-    args.update(kwargs)
-    return pipe(**args)
-
-
 def test_outputs_in_every_type(pipe):
-    assert run(pipe).images.shape == (1, 32, 32, 3)
-    images = run(pipe, output_type="pil").images
+    assert run_tiny(pipe).images.shape == (1, 32, 32, 3)
+    images = run_tiny(pipe, output_type="pil").images
     assert isinstance(images[0], PIL.Image.Image) and images[0].size == (32, 32)
-    assert run(pipe, output_type="pt").images.shape == (1, 3, 32, 32)
-    assert run(pipe, output_type="latent").images.shape == (1, 4, 16, 16)
-    images, nsfw = run(pipe, return_dict=False)
+    assert run_tiny(pipe, output_type="pt").images.shape == (1, 3, 32, 32)
+    assert run_tiny(pipe, output_type="latent").images.shape == (1, 4, 16, 16)
+    images, nsfw = run_tiny(pipe, return_dict=False)
     assert nsfw is None and images.shape == (1, 32, 32, 3)
 
 
 def test_same_seed_same_image_and_different_seed_differs(pipe):
-    a, b = run(pipe).images, run(pipe).images
-    c = run(pipe, generator=torch.Generator().manual_seed(1)).images
+    a, b = run_tiny(pipe).images, run_tiny(pipe).images
+    c = run_tiny(pipe, generator=torch.Generator().manual_seed(1)).images
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
 
@@ -50,7 +43,7 @@ def test_callback_sees_every_step_and_can_replace_latents(pipe):
         seen.append((i, int(t)))
         return {"latents": torch.zeros_like(tensors["latents"])}
 
-    run(pipe, callback_on_step_end=callback, num_inference_steps=3)
+    run_tiny(pipe, callback_on_step_end=callback, num_inference_steps=3)
     assert [i for i, _ in seen] == [0, 1, 2]
 
 
@@ -65,13 +58,13 @@ def test_callback_sees_every_step_and_can_replace_latents(pipe):
 ])
 def test_bad_arguments_are_named(pipe, kwargs, error, match):
     with pytest.raises(error, match=match):
-        run(pipe, **kwargs)
+        run_tiny(pipe, **kwargs)
 
 
 def test_long_prompt_warns_in_one_line_how_many_tokens_were_cut(pipe):
     prompt = "red " * 80 + "tail end"
     with pytest.warns(UserWarning, match=r"^prompt is 84 tokens long; this tokenizer takes 77, the last 7 were trunc"):
-        run(pipe, prompt=prompt)
+        run_tiny(pipe, prompt=prompt)
 
 
 def test_img2img_and_inpaint_bad_input():
@@ -98,7 +91,7 @@ def test_save_and_load_folder_round_trip(tmp_path, pipe):
     pipe.save_pretrained(tmp_path)
     again = minidiff.StableDiffusionPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    assert np.array_equal(run(pipe).images, run(again).images)
+    assert np.array_equal(run_tiny(pipe).images, run_tiny(again).images)
 
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):
@@ -116,11 +109,11 @@ def test_from_pretrained_errors_name_the_problem(tmp_path):
 
 
 def test_attention_slicing_and_vae_slicing_keep_the_image(pipe):
-    reference = run(pipe).images
+    reference = run_tiny(pipe).images
     pipe.enable_attention_slicing(7)
     pipe.enable_vae_slicing()
     try:
-        sliced = run(pipe).images
+        sliced = run_tiny(pipe).images
     finally:
         pipe.disable_attention_slicing()
         pipe.vae.disable_slicing()
@@ -132,7 +125,7 @@ def test_swapping_schedulers_runs(pipe):
     try:
         for name in ("LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):
             pipe.scheduler = getattr(minidiff, name).from_config(original.config)
-            assert np.isfinite(run(pipe).images).all()
+            assert np.isfinite(run_tiny(pipe).images).all()
     finally:
         pipe.scheduler = original
 

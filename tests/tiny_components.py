@@ -28,6 +28,13 @@ def tiny_components(in_channels: int = 4, seed: int = 0) -> dict:
                 unet=unet.eval(), scheduler=scheduler)
 
 
+def run_tiny(pipe, **kwargs):
+    """``pipe(...)`` on the tiny components: a 32x32 np image of "a red circle" in 2 seeded steps unless overridden."""
+    args = dict(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs})
+
+
 def tiny_pipeline(pipeline_class, **kwargs):
     pipe = pipeline_class(**tiny_components(**kwargs))
     pipe.set_progress_bar_config(disable=True)
