@@ -134,23 +134,6 @@ def input_files(args: argparse.Namespace) -> dict[str, str]:
     return {flag: getattr(args, flag[2:]) for flag in ("--image", "--mask") if getattr(args, flag[2:], None)}
 
 
-def read_image(flag: str, path: str) -> PIL.Image.Image:
-    """The image file given to ``flag``, fully read, or an error naming the flag and the path."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; pass an image file")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    try:
-        image = PIL.Image.open(path)
-        image.load()
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"{flag} {path} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
-    except (OSError, PIL.Image.DecompressionBombError) as error:  # unreadable (permissions), truncated, huge
-        reason = getattr(error, "strerror", None) or str(error)
-        raise ValueError(f"{flag} {path} cannot be read: {reason.lower()}") from None
-    return image
-
-
 def same_file(a: str, b: str) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -222,9 +205,10 @@ def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Ima
 def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
     """Check every flag and file, then load, sample and save, timing each stage."""
     from minidiff import ops, pipelines, schedulers
+    from minidiff.pipelines.images import open_image
 
     check_arguments(args)
-    images = {flag: read_image(flag, path) for flag, path in input_files(args).items()}
+    images = {flag: open_image(path, f"{flag} {path}") for flag, path in input_files(args).items()}
     check_output(args.output, input_files(args), args.overwrite)
     pipeline_class = {
         "generate": pipelines.StableDiffusionPipeline,

@@ -220,9 +220,9 @@ def test_image_paths_are_opened(tmp_path, img2img):
     with pytest.raises(FileNotFoundError, match="missing.png'?: no such file"):
         img2img("x", image=str(tmp_path / "missing.png"))
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ValueError, match="notes.png' is not an image file PIL can read"):
+    with pytest.raises(ValueError, match="notes.png' is not an image file Pillow can read"):
         img2img("x", image=str(tmp_path / "notes.png"))
-    with pytest.raises(ValueError, match="is a directory; pass an image file"):
+    with pytest.raises(ValueError, match="is a folder; pass an image file"):
         img2img("x", image=tmp_path)
 
 

@@ -29,18 +29,23 @@ HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer PIL modes r
 UINT16_MAX = 65535.0
 
 
-def open_image(path: str | os.PathLike, name: str = "image") -> PIL.Image.Image:
-    """A PIL image from a file path; FileNotFoundError / ValueError naming the path if it is not one."""
+def open_image(path: str | os.PathLike, label: str | None = None) -> PIL.Image.Image:
+    """A fully read PIL image from a file path, or FileNotFoundError / ValueError starting with ``label`` (how the
+    caller names the path: ``image='in.png'`` by default, ``--image in.png`` in the CLI) and saying what is wrong."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{name}={path!r}: no such file")
+    label = label or f"image={path!r}"
     if os.path.isdir(path):
-        raise ValueError(f"{name}={path!r} is a directory; pass an image file")
+        raise ValueError(f"{label} is a folder; pass an image file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{label}: no such file")
     try:
         image = PIL.Image.open(path)
         image.load()
-    except (PIL.UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{name}={path!r} is not an image file PIL can read ({error})") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{label} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, PIL.Image.DecompressionBombError) as error:  # unreadable (permissions), truncated, huge
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{label} cannot be read: {reason.lower()}") from None
     return image
 
 
@@ -49,7 +54,8 @@ def as_image_list(image: Any, name: str = "image") -> list:
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise ValueError(f"{name} is an empty list; pass at least one image")
-    images = [open_image(im, name) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    is_path = (str, os.PathLike)
+    images = [open_image(im, f"{name}={os.fspath(im)!r}") if isinstance(im, is_path) else im for im in images]
     accepted = (PIL.Image.Image, np.ndarray, torch.Tensor)
     for im in images:
         if not isinstance(im, accepted):
