@@ -98,11 +98,9 @@ def _check_tensor_layout(tensor: torch.Tensor, name: str) -> None:
 def _pil_to_array(image: PIL.Image.Image, mode: str, height: int, width: int, name: str) -> np.ndarray:
     """One PIL image, resized (Lanczos), as float32 (H, W, C) in [0, 1]; C = 3 for mode "RGB", 1 for "L"."""
     if image.mode in HIGH_BIT_MODES or image.mode == "F":
-        values = np.array(image.convert("F").resize((width, height), resample=PIL.Image.LANCZOS), dtype=np.float32)
-        if image.mode != "F":
-            values = values / UINT16_MAX
-        _check_range(np.array(image, dtype=np.float32) / (1 if image.mode == "F" else UINT16_MAX), 0.0,
-                     f"{name} (PIL mode {image.mode})")
+        floats, scale = image.convert("F"), (1.0 if image.mode == "F" else UINT16_MAX)
+        _check_range(np.array(floats, dtype=np.float32) / scale, 0.0, f"{name} (PIL mode {image.mode})")
+        values = np.array(floats.resize((width, height), resample=PIL.Image.LANCZOS), dtype=np.float32) / scale
         values = np.clip(values, 0.0, 1.0)[..., None]  # Lanczos overshoots a little at edges
         return np.repeat(values, 3, axis=-1) if mode == "RGB" else values
     pixels = np.array(image.convert(mode).resize((width, height), resample=PIL.Image.LANCZOS))
