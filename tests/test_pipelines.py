@@ -138,7 +138,7 @@ class SmoothNoiseModel(torch.nn.Module):
         super().__init__()
         self.config, self.dtype = unet.config, unet.dtype
 
-    def forward(self, x, t, encoder_hidden_states=None, return_dict=True):
+    def forward(self, x, t, encoder_hidden_states=None, cross_attention_kwargs=None, return_dict=True):
         return (0.3 * x + 0.1,)
 
 

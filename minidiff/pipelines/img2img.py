@@ -72,6 +72,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
+        cross_attention_kwargs: dict | None = None,
+        prompt_weighting: str | None = None,
     ):
         check_strength(strength)
         self.check_output_type(output_type)
@@ -81,7 +83,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             raise ValueError("img2img needs an image (PIL image, numpy array, tensor or file path)")
         device = self.device
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                             num_images_per_prompt, guidance_scale, clip_skip)
+                                             num_images_per_prompt, guidance_scale, clip_skip,
+                                             cross_attention_kwargs, prompt_weighting)
         pixels = preprocess_image(image, scale=self.vae_scale_factor).to(device=device, dtype=text.dtype)
         self.check_memory(batch, pixels.shape[-2], pixels.shape[-1], guidance_scale)
 
@@ -93,7 +96,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i)
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i,
+                                            cross_attention_kwargs=cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)

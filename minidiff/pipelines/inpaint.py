@@ -62,6 +62,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         return_dict: bool = True,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
+        cross_attention_kwargs: dict | None = None,
+        prompt_weighting: str | None = None,
     ):
         check_strength(strength)
         self.check_output_type(output_type)
@@ -78,7 +80,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         height, width = self.default_size(height, width)
         device, do_cfg = self.device, guidance_scale > 1.0
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                             num_images_per_prompt, guidance_scale, clip_skip)
+                                             num_images_per_prompt, guidance_scale, clip_skip,
+                                             cross_attention_kwargs, prompt_weighting)
         self.check_memory(batch, height, width, guidance_scale)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -111,7 +114,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra, step=i)
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra, step=i,
+                                            cross_attention_kwargs=cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             if channels == 4:  # keep the unmasked region on the original image's noisy trajectory
                 keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])

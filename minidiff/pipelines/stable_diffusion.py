@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 import torch
 
+from minidiff.adapters.lora import scaled_lora
+from minidiff.adapters.lora_loader import StableDiffusionLoraLoaderMixin
+from minidiff.adapters.textual_inversion import TextualInversionLoaderMixin
 from minidiff.outputs import BaseOutput
 from minidiff.pipelines.base import DiffusionPipeline
 from minidiff.pipelines.checks import (
@@ -44,7 +47,7 @@ def prompt_batch(prompt, prompt_embeds) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     """Components and shared steps of the Stable Diffusion pipelines."""
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -77,8 +80,12 @@ class StableDiffusionBase(DiffusionPipeline):
             config.clip_sample = False
 
     # ---- text ---------------------------------------------------------------------------------------------------
-    def _embed(self, texts: list[str], max_length: int, clip_skip: int | None, device) -> torch.Tensor:
+    def _embed(self, texts: list[str], max_length: int, clip_skip: int | None, device,
+               prompt_weighting: str | None = None) -> torch.Tensor:
         """Token ids -> CLIP hidden states (B, 77, D); with clip_skip, an earlier layer through the final norm."""
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion tokens -> their vectors' tokens
+        if prompt_weighting is not None:
+            raise NotImplementedError("prompt_weighting: being written (issue 12)")
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         mask = tokens["attention_mask"].to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         ids = tokens["input_ids"].to(device)
@@ -98,22 +105,26 @@ class StableDiffusionBase(DiffusionPipeline):
         negative_prompt=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D)."""
+        """(prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D).
+        ``lora_scale`` scales the text encoder's LoRA adapters for this call; ``prompt_weighting`` ("compel" or
+        "a1111") reads weights from the prompt text (None: the text is used as it is, as in diffusers)."""
         device = device or self.device
         self._check_text_inputs(negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         batch = prompt_batch(prompt, prompt_embeds)
         max_length = self.prompt_length
-        if prompt_embeds is None:
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)  # the tokenizer warns about what it cuts
-            prompt_embeds = self._embed(texts, max_length, clip_skip, device)
+        negatives = self._negative_texts(negative_prompt, prompt, batch)  # checked with or without guidance
+        with scaled_lora(self.text_encoder, lora_scale):
+            if prompt_embeds is None:
+                texts = [prompt] if isinstance(prompt, str) else list(prompt)  # the tokenizer warns about what it cuts
+                prompt_embeds = self._embed(texts, max_length, clip_skip, device, prompt_weighting)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negative_prompt_embeds = self._embed(negatives, prompt_embeds.shape[1], None, device, prompt_weighting)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        negatives = self._negative_texts(negative_prompt, prompt, batch)  # checked with or without guidance
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt_embeds = self._embed(negatives, prompt_embeds.shape[1], None, device)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -153,11 +164,15 @@ class StableDiffusionBase(DiffusionPipeline):
         return torch.cat([negative, positive]) if do_classifier_free_guidance else positive
 
     def text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          num_images_per_prompt: int, guidance_scale: float, clip_skip: int | None):
-        """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive]."""
+                          num_images_per_prompt: int, guidance_scale: float, clip_skip: int | None,
+                          cross_attention_kwargs: dict | None = None, prompt_weighting: str | None = None):
+        """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive].
+        The LoRA ``scale`` in ``cross_attention_kwargs`` applies to the text encoder too, as in diffusers."""
         do_cfg = guidance_scale > 1.0
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
-                                                prompt_embeds, negative_prompt_embeds, clip_skip)
+                                                prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
+                                                prompt_weighting)
         return (torch.cat([negative, positive]) if do_cfg else positive), positive.shape[0]  # (2B or B, 77, D)
 
     def after_step(self, callback: Callable | None, i: int, t, latents: torch.Tensor, **tensors) -> torch.Tensor:
@@ -205,7 +220,8 @@ class StableDiffusionBase(DiffusionPipeline):
         return kwargs
 
     def predict_noise(self, latents, t, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
-                      extra_channels: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+                      extra_channels: torch.Tensor | None = None, step: int = 0,
+                      cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         """UNet noise prediction at x_t; with CFG the batch is [uncond, cond] and the halves are combined.
         ``step`` (the loop index) only names the step in the error raised for a NaN/Inf prediction."""
         do_cfg = guidance_scale > 1.0
@@ -213,7 +229,8 @@ class StableDiffusionBase(DiffusionPipeline):
         model_input = self.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:  # inpainting UNets: cat([latents, mask, masked image latents], dim=1)
             model_input = torch.cat([model_input, extra_channels], dim=1)
-        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+                               cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
         check_finite(noise_pred, f"UNet output at step {step} (t={int(t)})")
         return classifier_free_guidance(noise_pred, guidance_scale, guidance_rescale) if do_cfg else noise_pred
 
@@ -288,6 +305,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
+        cross_attention_kwargs: dict | None = None,
+        prompt_weighting: str | None = None,
     ):
         height, width = self.default_size(height, width)
         self.check_output_type(output_type)
@@ -295,7 +314,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
                                  generator)
         device = self.device
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                             num_images_per_prompt, guidance_scale, clip_skip)
+                                             num_images_per_prompt, guidance_scale, clip_skip,
+                                             cross_attention_kwargs, prompt_weighting)
         self.check_memory(batch, height, width, guidance_scale)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, text.dtype, device,
@@ -303,7 +323,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i)
+            noise_pred = self.predict_noise(latents, t, text, guidance_scale, guidance_rescale, step=i,
+                                            cross_attention_kwargs=cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)
