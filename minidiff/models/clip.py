@@ -213,6 +213,27 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
         ``text_encoder.text_model.final_layer_norm`` (diffusers #14124), which this alias keeps working."""
         return self
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (vocab_size, hidden_size), transformers' name."""
+        return self.embeddings.token_embedding
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        """Grow or cut the token table to ``new_num_tokens`` rows (``config.vocab_size`` follows). Kept rows are
+        unchanged; new rows start at the mean of the old ones (transformers' mean resizing, without its noise)."""
+        old = self.get_input_embeddings().weight  # (V, C)
+        too_few = isinstance(new_num_tokens, int) and new_num_tokens <= self.config.eos_token_id
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or too_few:
+            raise ValueError(f"new_num_tokens={new_num_tokens!r}: must be an int above eos_token_id="
+                             f"{self.config.eos_token_id}, which must stay a token of the table")
+        kept = old.detach()[:new_num_tokens]  # (min(V, V'), C)
+        grown = old.detach().mean(dim=0, keepdim=True).expand(new_num_tokens - kept.shape[0], -1)  # (V' - V, C)
+        table = nn.Embedding(new_num_tokens, old.shape[1], device=old.device, dtype=old.dtype)
+        table.weight.data.copy_(torch.cat([kept, grown]))  # (V', C)
+        table.weight.requires_grad_(old.requires_grad)
+        self.embeddings.token_embedding = table
+        self.config.vocab_size = new_num_tokens
+        return table
+
     def attention_modules(self) -> list[CLIPAttention]:
         """What ``set_attention_backend`` / ``enable_attention_slicing`` (AttentionBackendMixin) configure."""
         return [layer.self_attn for layer in self.encoder.layers]

@@ -12,6 +12,10 @@ Special-token strings typed in a prompt become their ids before any normalizatio
 (SD folders mark bos/eos so) are also found after normalization, e.g. in uppercase. With pad ``"!"`` every ``!`` of a
 prompt therefore becomes id 0, as in transformers (diffusers #4153).
 
+``add_tokens(["<cat-toy>"])`` (textual inversion) adds tokens with the ids after the vocabulary (49408, ...). As in
+transformers they are ``normalized``: found in the normalized text (any case, any whitespace run), anywhere, even
+inside a word (``a <cat-toy>s`` -> ``a</w> <cat-toy> s</w>``), the longest first.
+
 The shipped vocabulary ``bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's merge list (MIT; see VOCAB_LICENSE.txt).
 """
 
@@ -30,7 +34,9 @@ import torch
 
 from minidiff.configuration import check_choice
 from minidiff.loading.safetensors_io import read_json_object, require_regular_file
-from minidiff.text.bpe import END_OF_WORD, BytePairEncoder, byte_decode, bytes_to_unicode, normalize, pre_tokenize
+from minidiff.text.bpe import (
+    END_OF_WORD, BytePairEncoder, byte_decode, byte_decoder, byte_encode, bytes_to_unicode, normalize, pre_tokenize,
+)
 
 SHIPPED_MERGES_FILE = os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49408 - 2 * 256 - 2  # vocab 49408 = 256 byte chars + 256 with </w> + merges + 2 specials
@@ -99,8 +105,23 @@ class CLIPTokenizer:
         self.special_tokens = {role: t._replace(normalized=normalized[t.content]) for role, t in tokens.items()}
         self.model_max_length = _check_max_length(model_max_length, 2, "model_max_length")
         self.bpe = BytePairEncoder(self.encoder, merges, unk_id=self.unk_token_id)
-        self._raw_special = _alternation([t for t, n in normalized.items() if not n])
-        self._normalized_special = _alternation([t for t, n in normalized.items() if n])
+        self.added_tokens: list[SpecialToken] = []  # non-special tokens added after the vocabulary, in id order
+        self._index_tokens()
+
+    def _index_tokens(self) -> None:
+        """Rebuild the lookups of the tokens found before BPE: special tokens and added tokens (ids from vocab_size).
+
+        Non-normalized ones are matched in the raw text, normalized ones by their normalized form in normalized text;
+        a special token wins over an added token of the same form."""
+        added = list(enumerate(self.added_tokens, start=self.vocab_size))
+        found = [*((t, i) for i, t in added), *((t, self.encoder[t.content]) for t in self.special_tokens.values())]
+        self._raw_ids = {t.content: i for t, i in found if not t.normalized}
+        self._normalized_ids = {normalize(t.content): i for t, i in found if t.normalized}
+        self._added_encoder = {t.content: i for i, t in added}
+        # id -> the token as tokenize/decode show it: normalized ones in normalized form ("Dog" -> "dog")
+        self._added_decoder = {i: normalize(t.content) if t.normalized else t.content for i, t in added}
+        self._raw_special = _alternation(list(self._raw_ids))
+        self._normalized_special = _alternation(list(self._normalized_ids))
 
     # ---- construction and files ---------------------------------------------------------------------------------
     @classmethod
@@ -125,17 +146,33 @@ class CLIPTokenizer:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{folder} does not exist: no {subfolder!r} subfolder")
         vocab, merges, added_tokens = _read_vocab_and_merges(folder)
-        settings = _read_token_settings(folder, added_tokens)
+        settings, added_tokens = _read_token_settings(folder, added_tokens)
         settings.update(overrides)
         try:
-            return cls(vocab, merges, **settings)
+            tokenizer = cls(vocab, merges, **settings)
         except ValueError as error:  # a bad merge or special token: say which folder holds it
             raise ValueError(f"tokenizer in {folder}: {error}") from None
+        tokenizer._restore_added_tokens(added_tokens, folder)
+        return tokenizer
+
+    def _restore_added_tokens(self, added_tokens: list[dict], folder: str) -> None:
+        """The non-special added tokens of a saved folder, which must follow the vocabulary without gaps."""
+        added = sorted((t for t in added_tokens if not t.get("special") and t["content"] not in self.encoder),
+                       key=lambda t: t["id"])
+        for expected, token in enumerate(added, start=self.vocab_size):
+            if token["id"] != expected:
+                raise ValueError(
+                    f"tokenizer in {folder}: added token {token['content']!r} has id {token['id']}, expected "
+                    f"{expected}: added tokens follow the vocabulary of {self.vocab_size} tokens without gaps"
+                )
+        self.added_tokens = [SpecialToken(t["content"], bool(t.get("normalized", True))) for t in added]
+        self._index_tokens()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (transformers' layout)."""
         os.makedirs(save_directory, exist_ok=True)
         added = {self.encoder[t.content]: {**t.to_json(), "special": True} for t in self.special_tokens.values()}
+        added.update({i: {**t.to_json(), "special": False} for i, t in enumerate(self.added_tokens, self.vocab_size)})
         config = {
             "tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, "do_lower_case": True,
             "errors": "replace", "add_prefix_space": False,
@@ -157,13 +194,43 @@ class CLIPTokenizer:
     # ---- vocabulary ---------------------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
+        """The base vocabulary, without added tokens (transformers' meaning)."""
         return len(self.encoder)
 
     def __len__(self) -> int:
-        return len(self.encoder)
+        return len(self.encoder) + len(self.added_tokens)
 
     def get_vocab(self) -> dict[str, int]:
-        return dict(self.encoder)
+        return {**self.encoder, **self.added_tokens_encoder}
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """Special and added tokens -> ids, as transformers' ``added_tokens_encoder``."""
+        special = {t.content: self.encoder[t.content] for t in self.special_tokens.values()}
+        return {**special, **self._added_encoder}
+
+    def add_tokens(self, new_tokens: str | list[str]) -> int:
+        """Add tokens after the vocabulary (ids ``len(self)``, ...), normalized as transformers adds them; tokens
+        already in the vocabulary are skipped. Returns the number added."""
+        tokens = [new_tokens] if isinstance(new_tokens, str) else new_tokens
+        if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and t.strip() for t in tokens):
+            raise ValueError(f"add_tokens takes a non-blank str or a list of them, got {new_tokens!r}")
+        vocab = self.get_vocab()
+        new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+        self.added_tokens += [SpecialToken(t, normalized=True) for t in new]
+        self._index_tokens()
+        return len(new)
+
+    def remove_added_tokens(self, tokens: list[str]) -> list[int]:
+        """Remove added tokens; the remaining ones move down to close the gaps (as diffusers' unload does).
+        Returns the ids the removed tokens had."""
+        ids = self._added_encoder
+        unknown = [t for t in tokens if t not in ids]
+        if unknown:
+            raise ValueError(f"{unknown} are not added tokens of this tokenizer; added tokens: {list(ids)}")
+        self.added_tokens = [t for t in self.added_tokens if t.content not in tokens]
+        self._index_tokens()
+        return sorted(ids[t] for t in set(tokens))
 
     bos_token = property(lambda self: self.special_tokens["bos_token"].content)
     eos_token = property(lambda self: self.special_tokens["eos_token"].content)
@@ -184,31 +251,48 @@ class CLIPTokenizer:
 
     def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
         """Token string(s) -> id(s); unknown tokens give the unk id."""
-        if isinstance(tokens, str):
-            return self.encoder.get(tokens, self.unk_token_id)
-        return [self.encoder.get(token, self.unk_token_id) for token in tokens]
+        def id_of(token: str) -> int:
+            return self._added_encoder.get(token, self.encoder.get(token, self.unk_token_id))
+
+        return id_of(tokens) if isinstance(tokens, str) else [id_of(token) for token in tokens]
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
         if isinstance(ids, int):
-            return self.decoder[self._check_ids([ids])[0]]
-        return [self.decoder[i] for i in self._check_ids(ids)]
+            return self._token_of(self._check_ids([ids])[0])
+        return [self._token_of(i) for i in self._check_ids(ids)]
+
+    def _token_of(self, token_id: int) -> str:
+        return self._added_decoder.get(token_id) or self.decoder[token_id]
 
     # ---- text -> ids --------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[str]:
-        """Token strings of ``text``, without bos/eos: ``tokenize("A cat!") -> ["a</w>", "cat</w>", "!</w>"]``."""
-        return [self.decoder[i] for i in self._text_to_ids(_check_text(text, "text"))]
+        """Token strings of ``text``, without bos/eos: ``tokenize("A cat!") -> ["a</w>", "cat</w>", "!</w>"]``.
+        A special or added token appears as the text it matched (normalized: ``<CAT-TOY>`` gives ``<cat-toy>``)."""
+        tokens: list[str] = []
+        for piece, token_id in self._split_tokens(_check_text(text, "text")):
+            tokens += [piece] if token_id is not None else [self.decoder[i] for i in self._bpe_ids(piece)]
+        return tokens
 
     def _text_to_ids(self, text: str) -> list[int]:
-        """Special tokens found in the raw text, then in each normalized stretch between them; BPE on the rest."""
         ids: list[int] = []
-        for raw, is_token in _split_around(text, self._raw_special):
-            pieces = [(raw, True)] if is_token else _split_around(normalize(raw), self._normalized_special)
-            for piece, is_token in pieces:
-                if is_token:
-                    ids.append(self.encoder[piece])
-                else:
-                    ids.extend(i for word in pre_tokenize(piece) for i in self.bpe.encode(word))
+        for piece, token_id in self._split_tokens(text):
+            ids += [token_id] if token_id is not None else self._bpe_ids(piece)
         return ids
+
+    def _split_tokens(self, text: str) -> list[tuple[str, int | None]]:
+        """Special/added tokens found in the raw text, then in each normalized stretch between them:
+        (matched text, id) for each token found, (normalized stretch, None) for the text left to BPE."""
+        pieces: list[tuple[str, int | None]] = []
+        for raw, is_token in _split_around(text, self._raw_special):
+            if is_token:
+                pieces.append((raw, self._raw_ids[raw]))
+                continue
+            for piece, is_token in _split_around(normalize(raw), self._normalized_special):
+                pieces.append((piece, self._normalized_ids[piece] if is_token else None))
+        return pieces
+
+    def _bpe_ids(self, stretch: str) -> list[int]:
+        return [i for word in pre_tokenize(stretch) for i in self.bpe.encode(word)]
 
     def __call__(
         self,
@@ -285,7 +369,16 @@ class CLIPTokenizer:
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
-        return byte_decode([self.decoder[i] for i in ids]).replace(END_OF_WORD, " ").strip()
+        return byte_decode([self._byte_chars_of(i) for i in ids]).replace(END_OF_WORD, " ").strip()
+
+    def _byte_chars_of(self, token_id: int) -> str:
+        """A token as byte characters for :func:`byte_decode`. Added tokens hold plain text, which transformers'
+        byte-level decoder reads the same way: a character of the byte alphabet stands for its byte (so "é"
+        decodes to U+FFFD, as there), any other character for its UTF-8 bytes."""
+        if token_id not in self._added_decoder:
+            return self.decoder[token_id]
+        alphabet = byte_decoder()
+        return "".join(c if c in alphabet else byte_encode(c) for c in self._added_decoder[token_id])
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         """:meth:`decode` of each row of a list of id lists or a 2-D tensor."""
@@ -293,8 +386,8 @@ class CLIPTokenizer:
 
     def _check_ids(self, ids) -> list[int]:
         for i in ids:
-            if not isinstance(i, numbers.Integral) or i not in self.decoder:
-                raise ValueError(f"token id {i!r} is not in this vocabulary of {len(self.decoder)} tokens")
+            if not isinstance(i, numbers.Integral) or not (i in self.decoder or i in self._added_decoder):
+                raise ValueError(f"token id {i!r} is not in this vocabulary of {len(self)} tokens")
         return [int(i) for i in ids]
 
     def __repr__(self) -> str:
@@ -435,11 +528,11 @@ def _read_vocab_and_merges(folder: str) -> tuple[dict[str, int], list[tuple[str,
     return _check_vocab(_read_json(vocab_path), vocab_path), _read_merges(merges_path), []
 
 
-def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any]:
+def _read_token_settings(folder: str, added_tokens: list[dict]) -> tuple[dict[str, Any], list[dict]]:
     """Special tokens and model_max_length from tokenizer_config.json / special_tokens_map.json, as transformers 5
     resolves them: a token's ``normalized`` flag comes from the config's ``added_tokens_decoder`` (else from
     tokenizer.json's added tokens, else from the token's own dict); special_tokens_map.json counts only when the
-    config has no ``added_tokens_decoder``."""
+    config has no ``added_tokens_decoder``. Also returns those added tokens, each with an int ``id``."""
     config_path = os.path.join(folder, "tokenizer_config.json")
     config = _read_json(config_path) or {}
     tokens = {role: config[role] for role in TOKEN_ROLES if config.get(role) is not None}
@@ -447,7 +540,7 @@ def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any
         decoder = config["added_tokens_decoder"]
         if not isinstance(decoder, dict):
             raise ValueError(f"{config_path}: added_tokens_decoder must be an object of id -> token")
-        added_tokens = list(decoder.values())
+        added_tokens = [{**t, "id": key} if isinstance(t, dict) else t for key, t in decoder.items()]
     else:
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json")) or {}
         tokens.update({role: special_map[role] for role in TOKEN_ROLES if special_map.get(role) is not None})
@@ -456,6 +549,9 @@ def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any
                 or isinstance(token, str) and where != "added token"):
             raise ValueError(f"{folder}: {where} is {token!r}; a token is {{\"content\": string, ...}} "
                              "(or, for a special token role, a string)")
+        if where == "added token" and not str(token.get("id")).isdigit():
+            raise ValueError(f"{folder}: added token {token['content']!r} has id {token.get('id')!r}, not a token id")
+    added_tokens = [{**t, "id": int(t["id"])} for t in added_tokens]
     flags = {t["content"]: t.get("normalized", False) for t in added_tokens}
     settings: dict[str, Any] = {}
     for role, value in tokens.items():
@@ -463,7 +559,7 @@ def _read_token_settings(folder: str, added_tokens: list[dict]) -> dict[str, Any
         normalized = flags.get(content, False if isinstance(value, str) else value.get("normalized", False))
         settings[role] = {"content": content, "normalized": normalized}
     settings["model_max_length"] = _model_max_length(config.get("model_max_length"), folder)
-    return settings
+    return settings, added_tokens
 
 
 def _model_max_length(value: Any, folder: str) -> int:
