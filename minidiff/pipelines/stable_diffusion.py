@@ -27,6 +27,7 @@ from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.pipelines.images import OUTPUT_TYPES, postprocess
 from minidiff.pipelines.memory import check_activation_memory
 from minidiff.random import randn_tensor
+from minidiff.text.weighting import check_prompt_weighting, weighted_prompt_embeds
 
 
 @dataclass
@@ -82,13 +83,23 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     # ---- text ---------------------------------------------------------------------------------------------------
     def _embed(self, texts: list[str], max_length: int, clip_skip: int | None, device,
                prompt_weighting: str | None = None) -> torch.Tensor:
-        """Token ids -> CLIP hidden states (B, 77, D); with clip_skip, an earlier layer through the final norm."""
-        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion tokens -> their vectors' tokens
+        """Prompt texts -> CLIP hidden states (B, max_length, D). With ``prompt_weighting`` the weights are read from
+        the text (minidiff.text.weighting): (B, 77, D) for compel, (B, 77·k, D) for A1111, k >= max_length / 77."""
         if prompt_weighting is not None:
-            raise NotImplementedError("prompt_weighting: being written (issue 12)")
+            def encode(ids, mask):
+                return self._encode_ids(ids, mask, clip_skip, device)
+
+            return weighted_prompt_embeds(texts, prompt_weighting, self.tokenizer, encode, self.prompt_length, max_length,
+                                          convert=lambda text: self.maybe_convert_prompt(text, self.tokenizer))
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual-inversion tokens -> their vectors' tokens
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        mask = tokens["attention_mask"].to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        ids = tokens["input_ids"].to(device)
+        mask = tokens["attention_mask"] if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        return self._encode_ids(tokens["input_ids"], mask, clip_skip, device)
+
+    def _encode_ids(self, ids: torch.Tensor, mask: torch.Tensor | None, clip_skip: int | None, device) -> torch.Tensor:
+        """Token ids (B, N) -> CLIP hidden states (B, N, D); with clip_skip, an earlier layer through the final norm."""
+        ids = ids.to(device)
+        mask = None if mask is None else mask.to(device)
         if clip_skip is None:
             embeds = self.text_encoder(ids, attention_mask=mask)[0]
         else:
@@ -113,16 +124,21 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         ``lora_scale`` scales the text encoder's LoRA adapters for this call; ``prompt_weighting`` ("compel" or
         "a1111") reads weights from the prompt text (None: the text is used as it is, as in diffusers)."""
         device = device or self.device
+        check_prompt_weighting(prompt_weighting)
         self._check_text_inputs(negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         batch = prompt_batch(prompt, prompt_embeds)
         max_length = self.prompt_length
         negatives = self._negative_texts(negative_prompt, prompt, batch)  # checked with or without guidance
         with scaled_lora(self.text_encoder, lora_scale):
-            if prompt_embeds is None:
-                texts = [prompt] if isinstance(prompt, str) else list(prompt)  # the tokenizer warns about what it cuts
+            texts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+            if prompt_embeds is None:  # the tokenizer warns about what it cuts
                 prompt_embeds = self._embed(texts, max_length, clip_skip, device, prompt_weighting)
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negative_prompt_embeds = self._embed(negatives, prompt_embeds.shape[1], None, device, prompt_weighting)
+                if texts is not None and negative_prompt_embeds.shape[1] > prompt_embeds.shape[1]:
+                    # A1111: a negative prompt of more 77-token chunks than the prompt; the prompt gets empty ones
+                    prompt_embeds = self._embed(texts, negative_prompt_embeds.shape[1], clip_skip, device,
+                                                prompt_weighting)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance:
@@ -169,7 +185,7 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive].
         The LoRA ``scale`` in ``cross_attention_kwargs`` applies to the text encoder too, as in diffusers."""
         do_cfg = guidance_scale > 1.0
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        lora_scale = cross_attention_kwargs.get("scale") if isinstance(cross_attention_kwargs, dict) else None
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
                                                 prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
                                                 prompt_weighting)
