@@ -96,8 +96,8 @@ def test_encoder_hidden_states_errors(unet):
         unet(sample, 1, torch.randn(1, 5, 12))
     with pytest.raises(ValueError, match=r"pass encoder_hidden_states of shape \(B, tokens, 12\)"):
         unet(sample, 1)
-    with pytest.raises(ValueError, match=r"cross_attention_kwargs=\['scale'\] is not supported"):
-        unet(sample, 1, torch.randn(2, 5, 12), cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs \['gligen'\] are not supported"):
+        unet(sample, 1, torch.randn(2, 5, 12), cross_attention_kwargs={"gligen": {}})
     with pytest.raises(ValueError, match=r"timestep_cond=Tensor is not supported"):
         unet(sample, 1, torch.randn(2, 5, 12), timestep_cond=torch.zeros(2, 4))
 

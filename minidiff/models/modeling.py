@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidiff.adapters.lora import base_state_dict, has_lora, list_lora_adapters, unfused_lora_adapters
 from minidiff.configuration import ConfigMixin, build_config
 from minidiff.loading.hub import resolve_folder
 from minidiff.loading.safetensors_io import (
@@ -156,6 +157,9 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> "ModelMixin":
         """Strictly load ``state_dict`` (checked first, so a failed load leaves the model untouched)."""
+        if has_lora(self):
+            raise ValueError(f"{type(self).__name__} has LoRA adapters {list_lora_adapters(self)}: call "
+                             "unload_lora_weights() before loading weights into it")
         state_dict = self.convert_state_dict(state_dict)
         check_state_dict(self, state_dict, source)
         self.load_state_dict(state_dict, strict=True)
@@ -198,11 +202,19 @@ class ModelMixin(nn.Module, ConfigMixin):
         return load_single_file(path, config=config, torch_dtype=torch_dtype, components=(component,), **kwargs)[component]
 
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> None:
-        """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads."""
+        """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads.
+
+        LoRA: fused adapters are saved in the weights, under the base keys (diffusers' ``fuse_lora();
+        unload_lora_weights(); save_pretrained()``); adapters running unfused are refused rather than dropped."""
+        unfused = unfused_lora_adapters(self)
+        if unfused:
+            raise ValueError(f"{type(self).__name__} runs LoRA adapter(s) {unfused} unfused, which its weights "
+                             "cannot hold: fuse_lora() to save them baked in, unload_lora_weights() to save the base "
+                             "model, or save the adapters with save_lora_weights()")
         os.makedirs(save_directory, exist_ok=True)
         self.save_config(save_directory)
         path = os.path.join(os.fspath(save_directory), with_variant(self.weights_name, variant))
-        save_safetensors(self.state_dict(), path)
+        save_safetensors(base_state_dict(self), path)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -176,7 +176,7 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
         if self.config.class_embed_type == "timestep":
             class_labels = self.time_proj(class_labels).to(dtype)  # labels embedded like timesteps
         class_emb = self.class_embedding(class_labels).to(dtype)  # (B, time_embed_dim)
-        width = self.time_embedding.linear_2.out_features
+        width = getattr(self.time_embedding.linear_2, "base_layer", self.time_embedding.linear_2).out_features
         if class_emb.ndim != 2 or class_emb.shape[0] not in (1, batch_size) or class_emb.shape[1] != width:
             raise ValueError(f"class_labels of shape {tuple(class_labels.shape)} give a class embedding of shape "
                              f"{tuple(class_emb.shape)}; expected ({batch_size}, {width})")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidiff.adapters.lora import scaled_lora
+from minidiff.adapters.lora_loader import UNet2DConditionLoadersMixin
 from minidiff.configuration import Config, check_choice
 from minidiff.models.checks import check_heads, check_input_dtype, check_ints, check_output_scale, check_per_block, fail
 from minidiff.models.embeddings import (
@@ -122,11 +124,25 @@ def level_settings(c: UNet2DConditionConfig) -> dict[str, list]:
     )
 
 
+def _lora_scale(cross_attention_kwargs: dict | None) -> float | None:
+    """The LoRA ``scale`` of ``cross_attention_kwargs``, the one key minidiff's attention takes."""
+    if cross_attention_kwargs is None:
+        return None
+    if not isinstance(cross_attention_kwargs, dict):
+        raise ValueError(f"cross_attention_kwargs must be a dict such as {{'scale': 0.5}} or None, got "
+                         f"{type(cross_attention_kwargs).__name__}")
+    unknown = sorted(map(str, set(cross_attention_kwargs) - {"scale"}))
+    if unknown:
+        raise ValueError(f"cross_attention_kwargs {unknown} are not supported by minidiff's UNet2DConditionModel; "
+                         "the accepted key is 'scale' (the LoRA scale)")
+    return cross_attention_kwargs.get("scale")
+
+
 def _is_pixel_attention(block_type: str) -> bool:
     return block_type.removeprefix("UNetRes") in ("AttnDownBlock2D", "AttnUpBlock2D")
 
 
-class UNet2DConditionModel(UNetBase):
+class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
     """Text-conditioned denoising UNet: ``unet(sample, timestep, encoder_hidden_states).sample``.
 
     Naming quirk kept from diffusers: ``attention_head_dim`` is the number of heads of each level's
@@ -310,10 +326,11 @@ class UNet2DConditionModel(UNetBase):
     ) -> UNet2DConditionOutput | tuple:
         """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
         ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
-        ``timestep_cond``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` are accepted so that diffusers'
-        pipeline code calls this UNet unchanged; they must be None or empty (no LCM / LoRA scale / SDXL inputs)."""
-        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
-                            ("added_cond_kwargs", added_cond_kwargs)):
+        ``cross_attention_kwargs={"scale": s}`` scales the unfused LoRA adapters for this call (as diffusers).
+        ``timestep_cond`` and ``added_cond_kwargs`` are accepted so that diffusers' pipeline code calls this UNet
+        unchanged; they must be None or empty (no LCM / SDXL inputs)."""
+        lora_scale = _lora_scale(cross_attention_kwargs)
+        for name, value in (("timestep_cond", timestep_cond), ("added_cond_kwargs", added_cond_kwargs)):
             if value is not None and not (isinstance(value, dict) and not value):
                 shown = sorted(value) if isinstance(value, dict) else type(value).__name__
                 raise ValueError(f"{name}={shown} is not supported by minidiff's UNet2DConditionModel; pass None")
@@ -331,5 +348,6 @@ class UNet2DConditionModel(UNetBase):
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
 
-        output = self._unet(sample, emb, encoder_hidden_states)
+        with scaled_lora(self, lora_scale):
+            output = self._unet(sample, emb, encoder_hidden_states)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
