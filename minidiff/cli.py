@@ -70,6 +70,10 @@ def add_sampling_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     sub.add_argument("--prompt", required=True, help="what to draw" + (" (the edited image)" if name == "edit" else ""))
     if name != "edit":
         sub.add_argument("--negative-prompt", help="what to steer away from (default: none)")
+        sub.add_argument("--prompt-weighting", choices=("compel", "a1111"),
+                         help="read weights from the prompt text: compel's syntax (word+, (words)1.3) or "
+                              "AUTOMATIC1111's ((word:1.3), [word], prompts past 75 tokens in chunks) "
+                              "(default: none, the text as it is)")
     sub.add_argument("--steps", type=int, default=25, help="number of denoising steps (num_inference_steps)")
     sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
     if name == "img2img":
@@ -84,6 +88,10 @@ def add_sampling_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     if name in ("generate", "inpaint"):
         sub.add_argument("--height", type=int, help="image height, a positive multiple of 8 (default: the model's)")
         sub.add_argument("--width", type=int, help="image width, a positive multiple of 8 (default: the model's)")
+    sub.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA .safetensors file (diffusers/peft, kohya or attention-processor layout) or a "
+                          "folder holding pytorch_lora_weights.safetensors, with its weight (default 1); "
+                          "repeat the flag for several (each is an adapter named after its file)")
     sub.add_argument("--attention", choices=ATTENTION_BACKENDS,
                      help="attention kernel for every model: sdpa (fused), math (the formula), chunked (query "
                           "slices, bounded memory) (default: minidiff.ops' default, sdpa)")
@@ -127,6 +135,50 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got --{flag} {value}")
+
+
+def split_lora_flag(value: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a path that itself exists is taken whole (it may contain ':')."""
+    path, colon, scale = value.rpartition(":")
+    if not colon or os.path.exists(value):
+        return value, 1.0
+    try:
+        weight = float(scale)
+    except ValueError:
+        raise ValueError(f"--lora {value}: {scale!r} after the last ':' is not a number; use PATH or PATH:SCALE, "
+                         "e.g. --lora style.safetensors:0.8") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"--lora {value}: the scale must be a finite number, got {scale}")
+    return path, weight
+
+
+def check_loras(values: list[str]) -> list[tuple[str, str, float]]:
+    """(adapter name, path, scale) per --lora, each file read and checked (layout, pickles refused) before any
+    model is loaded; the name is the file's (or folder's) name, made unique."""
+    from minidiff.adapters.lora_formats import read_lora_file
+
+    loras, names = [], set()
+    for value in values:
+        path, scale = split_lora_flag(value)
+        try:
+            read_lora_file(path)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--lora {value}: {error}") from None
+        stem = os.path.basename(os.path.normpath(path)).removesuffix(".safetensors").replace(".", "_") or "lora"
+        name, number = stem, 2
+        while name in names:
+            name, number = f"{stem}_{number}", number + 1
+        names.add(name)
+        loras.append((name, path, scale))
+    return loras
+
+
+def load_loras(pipe, loras: list[tuple[str, str, float]]) -> None:
+    """Each --lora file as its own adapter, all active with their scales as adapter weights."""
+    for name, path, _ in loras:
+        pipe.load_lora_weights(path, adapter_name=name)
+    if loras:
+        pipe.set_adapters([name for name, _, _ in loras], [scale for _, _, scale in loras])
 
 
 def input_files(args: argparse.Namespace) -> dict[str, str]:
@@ -192,7 +244,8 @@ def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Ima
         return pipe.edit(images["--image"], args.source_prompt, args.prompt, num_inference_steps=args.steps,
                          start_step=args.start_step, guidance_scale=args.guidance)
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed))
+                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                  prompt_weighting=args.prompt_weighting)
     if args.command in ("generate", "inpaint"):
         kwargs.update(height=args.height, width=args.width)
     if args.command == "img2img":
@@ -210,6 +263,7 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
     check_arguments(args)
     images = {flag: open_image(path, f"{flag} {path}") for flag, path in input_files(args).items()}
     check_output(args.output, input_files(args), args.overwrite)
+    loras = check_loras(args.lora)
     pipeline_class = {
         "generate": pipelines.StableDiffusionPipeline,
         "img2img": pipelines.StableDiffusionImg2ImgPipeline,
@@ -218,6 +272,7 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
     }[args.command]
     with stage("load", timings):
         pipe = load_pipeline(pipeline_class, args.model)
+        load_loras(pipe, loras)
         if getattr(args, "scheduler", None):
             pipe.scheduler = getattr(schedulers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
         if args.vae_tiling:

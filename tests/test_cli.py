@@ -367,6 +367,18 @@ def test_vae_tiling_flag_decodes_in_tiles(capsys, tmp_path, monkeypatch):
         assert image.size == (64, 64)
 
 
+
+def test_prompt_weighting_flag_reaches_the_pipeline(capsys, tmp_path):
+    """--prompt-weighting a1111 reads the weights: the image differs from the same text taken as it is."""
+    args = ["generate", "--prompt", "a (red:1.8) circle", "--steps", "1"]
+    assert cli.main([*args, "--output", str(tmp_path / "plain.png")]) == 0
+    assert cli.main([*args, "--prompt-weighting", "a1111", "--output", str(tmp_path / "weighted.png")]) == 0
+    assert read_bytes(tmp_path / "plain.png") != read_bytes(tmp_path / "weighted.png")
+    code, message = run_in_process(capsys, *args, "--prompt-weighting", "a1111", "--prompt", "a (red circle",
+                                   "--output", str(tmp_path / "broken.png"))
+    assert code == 2 and "unbalanced brackets: '(' is never closed at character 2" in message
+
+
 # ---- the README's examples ----------------------------------------------------------------------------------------
 def readme_builtin_commands() -> list[str]:
     """The commands of the bash block in the README's "The built-in model" section, continuation lines joined."""
