@@ -73,6 +73,7 @@ NOT_CHECKED = {
     ".venv/bin/python": "created by make on first use", "generated.png": "written by `make generate`",
     "parity-report.md": "written by `make report`", "runs/shapes": "an output folder of the training script",
     "-k": "a pytest flag passed through by `python -m parity`",
+    "emb_params": "the tensor's key in A1111 embedding files", "lora_scale": "an argument of pipe.fuse_lora",
     "init_image": "a user variable in the examples", "mask": "a user variable in the examples",
 }
 
@@ -421,8 +422,10 @@ def placeholder_files(builtin_pipe, tmp_path_factory) -> tuple[dict[str, str], s
 
 
 def snippet_id(code: str) -> str:
-    """The snippet's first ``from minidiff... import`` line, e.g. ``minidiff import DDPMPipeline, DDIMPipeline``."""
-    return next(line[5:] for line in code.splitlines() if line.startswith("from minidiff"))
+    """The snippet's first ``from minidiff... import`` line, e.g. ``minidiff import DDPMPipeline, DDIMPipeline``
+    (or, for a snippet that imports nothing from minidiff, its first line of code)."""
+    lines = [line for line in code.splitlines() if line.strip() and not line.startswith("#")]
+    return next((line[5:] for line in lines if line.startswith("from minidiff")), lines[0])
 
 
 @pytest.mark.parametrize("code", runnable_snippets(), ids=snippet_id)
