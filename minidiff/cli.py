@@ -155,13 +155,14 @@ def split_lora_flag(value: str) -> tuple[str, float]:
 def check_loras(values: list[str]) -> list[tuple[str, str, float]]:
     """(adapter name, path, scale) per --lora, each file read and checked (layout, pickles refused) before any
     model is loaded; the name is the file's (or folder's) name, made unique."""
-    from minidiff.adapters.lora_formats import read_lora_file
+    from minidiff.adapters.lora_formats import detect_format, read_lora_file
 
     loras, names = [], set()
     for value in values:
         path, scale = split_lora_flag(value)
         try:
-            read_lora_file(path)
+            tensors, _, resolved = read_lora_file(path)
+            detect_format(list(tensors), f"LoRA file {resolved}")
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"--lora {value}: {error}") from None
         stem = os.path.basename(os.path.normpath(path)).removesuffix(".safetensors").replace(".", "_") or "lora"

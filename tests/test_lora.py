@@ -131,7 +131,7 @@ def test_unload_gives_back_the_same_modules_and_bit_identical_outputs():
 def test_scale_zero_and_weight_zero_are_the_base_model_exactly():
     unet = tiny_unet()
     base = run_unet(unet)
-    add_lora_adapter(unet, "a", random_weights(0))
+    add_lora_adapter(unet, "a", random_weights(0, {**TARGETS, "time_embedding.linear_1": ((2, 8), (32, 2))}))
     assert torch.equal(run_unet(unet, cross_attention_kwargs={"scale": 0.0}), base)
     lora.set_lora_adapters(unet, ["a"], [0.0])
     assert torch.equal(run_unet(unet), base)
@@ -404,6 +404,23 @@ def test_pipeline_failed_load_leaves_every_component_as_it_was(pipe):
     assert {name: list(getattr(pipe, name).state_dict()) for name in keys} == keys
     with pytest.raises(TypeError, match=r"unsupported LoRA loading option\(s\) \['cache_dir'\]"):
         pipe.load_lora_weights(unet_lora_dict(), cache_dir="x")
+
+
+def test_pipeline_failed_set_adapters_and_safe_fusing_change_no_component(pipe):
+    """Every component is checked before any changes: a bad text-encoder weight leaves the UNet as it was too."""
+    pipe.load_lora_weights({**unet_lora_dict(), **te_lora_dict()}, adapter_name="a")
+    pipe.load_lora_weights(unet_lora_dict(seed=5), adapter_name="b")
+    layer = pipe.unet.get_submodule(f"{ATTN}.to_q")
+    with pytest.raises(ValueError, match="the text_encoder weight of adapter 'a' must be a finite number"):
+        pipe.set_adapters(["a"], [{"unet": 0.3, "text_encoder": float("nan")}])
+    assert layer.active == ["b"] and layer.weights == {"a": 1.0, "b": 1.0}
+    pipe.delete_adapters(["a", "b"])
+    huge = {f"text_encoder.text_model.{TE_Q}.lora_A.weight": torch.full((2, 16), 1e30),
+            f"text_encoder.text_model.{TE_Q}.lora_B.weight": torch.full((16, 2), 1e30)}
+    pipe.load_lora_weights({**unet_lora_dict(), **huge}, adapter_name="c")
+    with pytest.raises(ValueError, match="nothing fused"):
+        pipe.fuse_lora(safe_fusing=True)
+    assert not pipe.fused_loras and not lora.fused_lora_adapters(pipe.unet)
 
 
 def test_save_lora_weights_refuses_pickles_and_nothing_to_save(tmp_path):

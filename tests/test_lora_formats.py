@@ -147,19 +147,6 @@ def test_old_text_encoder_layouts(models, layout):
     check(parsed["text_encoder"][TE_Q], down, up, None)
 
 
-def test_an_already_wrapped_layer_resolves_to_its_base_layer(models):
-    class Wrapped(torch.nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base_layer = base
-
-    unet = torch.nn.Module()
-    unet.proj = Wrapped(torch.nn.Linear(16, 8))
-    down, up = pair(8, 16)
-    check(parse({"proj.lora_A.weight": down, "proj.lora_B.weight": up}, {"unet": unet})["unet"]["proj"],
-          down, up, None)
-
-
 # ---------------------------------------------------------------------------------------------------------- bad input
 
 def bad(tensors, models, match, metadata=None):
@@ -224,11 +211,6 @@ def test_alpha_must_be_a_positive_scalar(models, alpha):
 def test_bad_adapter_metadata(models, metadata, match):
     down, up = pair(16, 16)
     bad({f"unet.{ATTN}.to_q.lora_A.weight": down, f"unet.{ATTN}.to_q.lora_B.weight": up}, models, match, metadata)
-
-
-def test_kohya_key_for_a_module_that_is_not_linear_or_conv(models):
-    bad(kohya("lora_unet_down_blocks_0_resnets_0_norm1", *pair(8, 8)), models,
-        r"down_blocks.0.resnets.0.norm1 is a GroupNorm; LoRA targets must be Linear or Conv2d")
 
 
 def test_text_encoder_weights_where_only_the_unet_is_given(models):

@@ -186,6 +186,11 @@ def test_every_pipeline_takes_prompt_weighting(weighting, prompt):
             (tiny_pipeline(minidiff.StableDiffusionImg2ImgPipeline), dict(image=image, strength=0.9)),
             (tiny_pipeline(minidiff.StableDiffusionInpaintPipeline, in_channels=9), dict(image=image, mask_image=mask))]
     for pipe, extra in runs:
+        expected = torch.cat(pipe.encode_prompt(prompt, "cpu", 1, True, "blurry", prompt_weighting=weighting)[::-1])
+        seen = []  # the text embeddings the UNet got: [negative, positive]
         out = pipe(prompt, negative_prompt="blurry", num_inference_steps=2, output_type="np",
-                   prompt_weighting=weighting, generator=torch.Generator().manual_seed(0), **extra).images
+                   prompt_weighting=weighting, generator=torch.Generator().manual_seed(0),
+                   callback_on_step_end=lambda pipe, i, t, tensors: seen.append(tensors["prompt_embeds"]) or tensors,
+                   **extra).images
         assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
+        torch.testing.assert_close(seen[0], expected)

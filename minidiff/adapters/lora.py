@@ -100,10 +100,6 @@ class LoRALayer(nn.Module):
                 out = out + adapter(x) * self.branch_scale(name)
         return out
 
-    def runs_side_branch(self) -> bool:
-        return self.enabled and any(name in self.adapters and self.adapters[name].fused_delta is None
-                                    for name in self.active)
-
     def fusable(self, names: list[str] | None) -> list[str]:
         """The adapters ``fuse`` would merge: ``names`` (default: the active ones) held here and not yet fused."""
         names = self.active if names is None else names
@@ -170,9 +166,8 @@ def unfused_lora_adapters(model: nn.Module) -> list[str]:
     """The adapters that run as side branches (active, enabled, not fused) somewhere in the model."""
     names: dict[str, None] = {}
     for layer in lora_layers(model).values():
-        if layer.runs_side_branch():
-            names.update(dict.fromkeys(n for n in layer.active if n in layer.adapters
-                                       and layer.adapters[n].fused_delta is None))
+        if layer.enabled:
+            names.update(dict.fromkeys(layer.fusable(None)))
     return list(names)
 
 
@@ -259,6 +254,11 @@ def add_lora_adapter(model: nn.Module, adapter_name: str, weights: dict[str, LoR
     """Add adapter ``adapter_name`` (module path -> LoRAWeights) to ``model`` and make it the only active one.
     Everything is checked first: a failed call leaves the model as it was."""
     check_lora_adapter(model, adapter_name, weights, where)
+    attach_lora_adapter(model, adapter_name, weights)
+
+
+def attach_lora_adapter(model: nn.Module, adapter_name: str, weights: dict[str, LoRAWeights]) -> None:
+    """``add_lora_adapter`` for weights ``check_lora_adapter`` has passed."""
     enabled = all(layer.enabled for layer in lora_layers(model).values())  # a disabled model stays disabled
     for path, item in weights.items():
         module = model.get_submodule(path)
@@ -292,10 +292,9 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         layer.enabled = enabled
 
 
-def fuse_lora(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str] | None = None,
-              safe_fusing: bool = False) -> None:
-    """Merge ``adapter_names`` (default: the active adapters) into the weights, each with its weight x lora_scale.
-    ``safe_fusing`` refuses (changing nothing) if a fused weight would hold NaN/Inf."""
+def plan_fuse_lora(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str] | None = None,
+                   safe_fusing: bool = False) -> list[tuple[LoRALayer, dict[str, torch.Tensor]]]:
+    """What ``fuse_lora`` would add to each layer, checked; nothing is changed yet."""
     layers = lora_layers(model)
     if any(not layer.enabled for layer in layers.values()):
         raise ValueError("the LoRA adapters are disabled: enable_lora() before fuse_lora()")
@@ -305,8 +304,15 @@ def fuse_lora(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str
                   if deltas and not bool(torch.isfinite(layers[path].base_layer.weight + sum(deltas.values())).all())]
         if broken:
             raise ValueError(f"fusing would put NaN/Inf in {len(broken)} weight(s), e.g. {broken[:3]}; nothing fused")
-    for path, deltas in plans.items():
-        layers[path].fuse(deltas)
+    return [(layers[path], deltas) for path, deltas in plans.items()]
+
+
+def fuse_lora(model: nn.Module, lora_scale: float = 1.0, adapter_names: list[str] | None = None,
+              safe_fusing: bool = False) -> None:
+    """Merge ``adapter_names`` (default: the active adapters) into the weights, each with its weight x lora_scale.
+    ``safe_fusing`` refuses (changing nothing) if a fused weight would hold NaN/Inf."""
+    for layer, deltas in plan_fuse_lora(model, lora_scale, adapter_names, safe_fusing):
+        layer.fuse(deltas)
 
 
 def unfuse_lora(model: nn.Module) -> None:

@@ -28,11 +28,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from minidiff.fileio import atomic_write
-from minidiff.loading.safetensors_io import require_regular_file
+from minidiff.loading.hub import cached_snapshot
+from minidiff.loading.safetensors_io import PICKLE_SUFFIXES, looks_like_pickle, require_regular_file
 
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry (lora_base.py)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TEXT_MODEL_PREFIX = "text_model."
 COMPONENTS = ("unet", "text_encoder")
 
@@ -79,13 +79,12 @@ _CONVERT_HINT = ("convert it to .safetensors where you trust it, e.g. safetensor
 
 
 def _pickle_hint(path: str) -> str:
-    with open(path, "rb") as handle:
-        start = handle.read(4)
-    is_pickle = start in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # torch.save: a zip archive, or its legacy pickle
-    return f": it looks like a pickle (torch.save); {_CONVERT_HINT}" if is_pickle else ""
+    return f": it looks like a pickle (torch.save); {_CONVERT_HINT}" if looks_like_pickle(path) else ""
 
 
 def _resolve_lora_path(path: str, weight_name: str | None) -> str:
+    if not os.path.lexists(path):
+        path = cached_snapshot(path) or path  # a hub id in the local Hugging Face cache, as from_pretrained reads
     if not os.path.isdir(path):
         if weight_name is not None:
             raise ValueError(f"weight_name={weight_name!r} names a file inside a folder, but {path} is not a folder; "
@@ -204,8 +203,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     result: dict[str, dict[str, LoRAWeights]] = {}
     for (component, path), found in parts.items():
         down, up = _require_pair(found, component, path, source)
-        layer = _target_layer(models[component].get_submodule(path))
-        _check_pair(down, up, layer, f"{component}.{path}", source)
+        _check_pair(down, up, f"{component}.{path}", source)
         if rule is KOHYA:
             alpha = _kohya_alpha(found.get("alpha"), f"{component}.{path}", source)
         elif rule is PEFT:
@@ -275,16 +273,9 @@ def _require_pair(found: dict, component: str, path: str, source: str) -> tuple[
     return found["down"], found["up"]
 
 
-def _target_layer(module: torch.nn.Module) -> torch.nn.Module:
-    """The Linear/Conv2d a LoRA adapts (an already wrapped layer exposes it as ``base_layer``)."""
-    return getattr(module, "base_layer", module)
-
-
-def _check_pair(down: torch.Tensor, up: torch.Tensor, layer: torch.nn.Module, name: str, source: str) -> None:
-    """The target is a Linear/Conv2d and down (r, ...) / up (out, r, ...) share the rank r. (Whether they fit the
-    layer's sizes is checked where the adapter is added, ``minidiff.adapters.lora.check_lora_fits``.)"""
-    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-        raise ValueError(f"{source}: {name} is a {type(layer).__name__}; LoRA targets must be Linear or Conv2d")
+def _check_pair(down: torch.Tensor, up: torch.Tensor, name: str, source: str) -> None:
+    """down (r, ...) and up (out, r, ...) share the rank r. (Whether the target is a Linear/Conv2d and they fit its
+    sizes is checked where the adapter is added, ``minidiff.adapters.lora.check_lora_fits``.)"""
     if down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
         raise ValueError(f"{source}: rank mismatch at {name}: down {tuple(down.shape)} and up {tuple(up.shape)} "
                          "must be (r, ...) and (out, r, ...) with the same r")

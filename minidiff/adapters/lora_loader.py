@@ -47,7 +47,7 @@ def load_into_models(models: dict[str, nn.Module], source, adapter_name: str | N
     for component, weights in parsed.items():
         lora.check_lora_adapter(models[component], name, weights, f"{where} ({component})", taken)
     for component, weights in parsed.items():
-        lora.add_lora_adapter(models[component], name, weights, where)
+        lora.attach_lora_adapter(models[component], name, weights)
     return name
 
 
@@ -118,8 +118,9 @@ class StableDiffusionLoraLoaderMixin:
         if adapter_names is not None:
             adapter_names = _names(adapter_names, "adapter_names")
             self._check_known(adapter_names)
-        for model in models.values():
-            lora.fuse_lora(model, lora_scale, adapter_names, safe_fusing)
+        plans = [lora.plan_fuse_lora(model, lora_scale, adapter_names, safe_fusing) for model in models.values()]
+        for layer, deltas in (step for plan in plans for step in plan):  # all components checked first
+            layer.fuse(deltas)
 
     def unfuse_lora(self, components: list[str] = ["unet", "text_encoder"]) -> None:  # noqa: B006
         """Subtract what ``fuse_lora`` added (stored, not recomputed)."""
@@ -160,10 +161,11 @@ class StableDiffusionLoraLoaderMixin:
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter name(s) but {len(weights)} adapter weight(s)")
-        for component, model in self._lora_models().items():
-            per_model = [_weight(self._component_weight(w, component), f"the {component} weight of adapter {n!r}")
-                         for n, w in zip(names, weights)]
-            lora.set_lora_adapters(model, names, per_model)
+        models = self._lora_models()
+        per_model = {component: [_weight(self._component_weight(w, component), f"the {component} weight of adapter "
+                                         f"{n!r}") for n, w in zip(names, weights)] for component in models}
+        for component, model in models.items():  # every weight checked above: nothing changes on a failed call
+            lora.set_lora_adapters(model, names, per_model[component])
 
     def _component_weight(self, weight, component: str):
         if not isinstance(weight, dict):

@@ -17,11 +17,9 @@ from typing import Any
 import torch
 
 from minidiff.loading.hub import resolve_folder
-from minidiff.loading.safetensors_io import load_safetensors
+from minidiff.loading.safetensors_io import PICKLE_SUFFIXES, load_safetensors, looks_like_pickle, require_regular_file
 
 TEXT_INVERSION_NAME_SAFE = "learned_embeds.safetensors"  # diffusers' default file name in a folder
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # torch.save's zip archive, its legacy pickle
 A1111_KEYS = ("emb_params", "string_to_param.*")  # one-tensor A1111 files: the key names no token
 CONVERT_HINT = ("convert it where you trust it: safetensors.torch.save_file({'emb_params': "
                 "torch.load(path, weights_only=True)['string_to_param']['*']}, 'embedding.safetensors')")
@@ -82,8 +80,8 @@ class TextualInversionLoaderMixin:
         everything restores the tokenizer and the table exactly."""
         tokenizer, text_encoder = self._textual_inversion_parts(tokenizer, text_encoder)
         added = [t.content for t in tokenizer.added_tokens]
-        if not added:
-            raise ValueError("no textual-inversion tokens to remove: this tokenizer has no added tokens")
+        if not added and not tokens:
+            return  # nothing loaded: a no-op, as in diffusers
         names = list(added) if not tokens else [tokens] if isinstance(tokens, str) else list(tokens)
         unknown = [name for name in names if name not in added]
         if unknown:
@@ -134,10 +132,11 @@ def _read_source(source, weight_name: str | None, subfolder: str | None) -> tupl
     path = _resolve_file(os.fspath(source), weight_name, subfolder)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise _pickle_refused(path)
+    require_regular_file(path, "textual-inversion file")
     try:
         return load_safetensors(path), path
     except ValueError:
-        if _starts_like_pickle(path):
+        if looks_like_pickle(path):
             raise _pickle_refused(path) from None
         raise
 
@@ -158,12 +157,6 @@ def _resolve_file(path: str, weight_name: str | None, subfolder: str | None) -> 
         raise FileNotFoundError(f"textual-inversion file {file} does not exist; {folder} holds {present or 'none'} "
                                 f"(pass weight_name=... for another file){hint}")
     return file
-
-
-def _starts_like_pickle(path: str) -> bool:
-    with open(path, "rb") as handle:
-        start = handle.read(4)
-    return start in PICKLE_MAGIC or start[:1] == b"\x80"
 
 
 def _pickle_refused(path: str) -> ValueError:
@@ -198,7 +191,7 @@ def _token_and_vectors(state, token: str | None, where: str) -> tuple[str, torch
     if token is None and loaded_token in A1111_KEYS:
         raise ValueError(f"{where} is an A1111 embedding (key {loaded_token!r}), which names no token; pass "
                          "token='<name>' (A1111 uses the file name)")
-    return token or loaded_token, vectors, where
+    return token if token is not None else loaded_token, vectors, where
 
 
 def _check_new_tokens(embeddings: list[tuple[str, Any, str]], tokenizer, text_encoder) -> dict[str, torch.Tensor]:

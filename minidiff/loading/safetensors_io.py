@@ -64,12 +64,20 @@ def read_json_object(path: str, what: str, expected: str = "a JSON object") -> d
     return values
 
 
-def _format_hint(path: str) -> str:
-    """Why a file that safetensors cannot parse may have that name: torch.save writes a zip archive (or, in its legacy
-    format, a pickle starting with torch's magic number)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # names torch.save / pickle files go by
+
+
+def looks_like_pickle(path: str) -> bool:
+    """Whether a file starts as torch.save writes (a zip archive, or its legacy pickle with torch's magic number) or
+    as a bare pickle of protocol 2-5 does: checked only for files safetensors could not parse."""
     with open(path, "rb") as handle:
         start = handle.read(4)
-    if start in (b"PK\x03\x04", b"\x80\x02\x8a\x0a"):
+    return start == b"PK\x03\x04" or (start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def _format_hint(path: str) -> str:
+    """Why a file that safetensors cannot parse may have that name."""
+    if looks_like_pickle(path):
         return "; it looks like a pickled (torch.save) checkpoint: rename it to .ckpt (loaded with weights_only=True)"
     return " (truncated or corrupt?)"
 

@@ -227,9 +227,7 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
                              f"{self.config.eos_token_id}, which must stay a token of the table")
         kept = old.detach()[:new_num_tokens]  # (min(V, V'), C)
         grown = old.detach().mean(dim=0, keepdim=True).expand(new_num_tokens - kept.shape[0], -1)  # (V' - V, C)
-        table = nn.Embedding(new_num_tokens, old.shape[1], device=old.device, dtype=old.dtype)
-        table.weight.data.copy_(torch.cat([kept, grown]))  # (V', C)
-        table.weight.requires_grad_(old.requires_grad)
+        table = nn.Embedding.from_pretrained(torch.cat([kept, grown]), freeze=not old.requires_grad)  # (V', C)
         self.embeddings.token_embedding = table
         self.config.vocab_size = new_num_tokens
         return table

@@ -340,14 +340,13 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
 
-        timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
-        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
-        class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
-        if class_emb is not None:
-            emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
-        if self.time_embed_act is not None:
-            emb = self.time_embed_act(emb)
-
-        with scaled_lora(self, lora_scale):
+        with scaled_lora(self, lora_scale):  # every adapted layer, the time/class embeddings too (as diffusers)
+            timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
+            emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
+            class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
+            if class_emb is not None:
+                emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
+            if self.time_embed_act is not None:
+                emb = self.time_embed_act(emb)
             output = self._unet(sample, emb, encoder_hidden_states)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from minidiff.configuration import check_choice
+
 PROMPT_WEIGHTINGS = ("compel", "a1111")
 
 # (ids (B, N), attention mask (B, N) or None) -> hidden states (B, N, D): the pipeline's text encoder call
@@ -36,9 +38,7 @@ Fragments = list[tuple[str, float]]
 
 
 def check_prompt_weighting(prompt_weighting) -> None:
-    if prompt_weighting is not None and prompt_weighting not in PROMPT_WEIGHTINGS:
-        raise ValueError(f"prompt_weighting={prompt_weighting!r} is not supported; accepted values: "
-                         "'compel', 'a1111', None (the prompt text is used as it is)")
+    check_choice("prompt_weighting", prompt_weighting, (*PROMPT_WEIGHTINGS, None))
 
 
 def syntax_error(prompt: str, index: int, message: str) -> ValueError:
@@ -302,7 +302,7 @@ def compel_embedding(fragments: Fragments, tokenizer, encode: Encoder, length: i
             embeddings.append(weighted(without))
             lerp_weights.append(math.tan((1.0 - max(1e-5, weight)) * math.pi / 2))
     stacked = torch.stack(embeddings, dim=1)  # (1, n, L, D)
-    lerp = torch.tensor(lerp_weights, dtype=stacked.dtype)
+    lerp = torch.tensor(lerp_weights, dtype=stacked.dtype, device=stacked.device)
     lerp = (lerp / lerp.sum()).reshape(-1, 1, 1)  # (n, 1, 1)
     return (stacked * lerp).sum(dim=1)  # (1, L, D)
 
