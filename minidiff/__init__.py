@@ -15,11 +15,13 @@ _EXPORTS = {
         "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
         "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "SchedulerOutput",
     ),
-    "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel"),
+    "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel",
+                        "CLIPTextModelWithProjection"),
     "minidiff.text": ("CLIPTokenizer",),
     "minidiff.pipelines": (
         "DiffusionPipeline", "DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline",
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

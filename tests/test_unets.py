@@ -39,8 +39,10 @@ def cond_inputs(batch=2, size=16, seed=0):
      r"CrossAttnDownBlock2D, ResnetDownsampleBlock2D"),
     (UNet2DModel, dict(PLAIN, up_block_types=["AttnSkipUpBlock2D", "UpBlock2D"]),
      r"up block type 'AttnSkipUpBlock2D' is not supported; supported types: UpBlock2D"),
+    (UNet2DConditionModel, dict(COND, addition_embed_type="text_image"),
+     r"addition_embed_type='text_image' is not supported .* accepted values: None, 'text_time'"),
     (UNet2DConditionModel, dict(COND, addition_embed_type="text_time"),
-     r"addition_embed_type='text_time' is not supported .* accepted values: None"),
+     r"addition_time_embed_dim=None is invalid: addition_embed_type='text_time' embeds .* set addition_time_embed_dim"),
     (UNet2DConditionModel, dict(COND, attention_type="gated"), r"attention_type='gated' .* accepted values: 'default'"),
     (UNet2DConditionModel, dict(COND, dual_cross_attention=True), r"dual_cross_attention=True .* accepted values: False"),
     (UNet2DConditionModel, dict(COND, encoder_hid_dim=32), r"encoder_hid_dim=32"),
@@ -98,8 +100,11 @@ def test_encoder_hidden_states_errors(unet):
         unet(sample, 1)
     with pytest.raises(ValueError, match=r"cross_attention_kwargs \['gligen'\] are not supported"):
         unet(sample, 1, torch.randn(2, 5, 12), cross_attention_kwargs={"gligen": {}})
-    with pytest.raises(ValueError, match=r"timestep_cond=Tensor is not supported"):
+    with pytest.raises(ValueError, match=r"timestep_cond is not supported"):
         unet(sample, 1, torch.randn(2, 5, 12), timestep_cond=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"added_cond_kwargs=\['time_ids'\] given, but this UNet2DConditionModel "
+                                         r"has no added conditioning"):
+        unet(sample, 1, torch.randn(2, 5, 12), added_cond_kwargs={"time_ids": torch.zeros(2, 6)})
 
 
 def test_class_label_errors():
@@ -311,8 +316,8 @@ def test_from_pretrained_missing_key_and_shape_mismatch(tmp_path, unet):
                                          r"model \(8, 16\)"):
         UNet2DConditionModel.from_pretrained(tmp_path)
 
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, addition_embed_type="text_time")))
-    with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, addition_embed_type="text_image")))
+    with pytest.raises(ValueError, match="addition_embed_type='text_image' is not supported"):
         UNet2DConditionModel.from_pretrained(tmp_path)
 
 

@@ -11,8 +11,10 @@ SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "
 COMPONENT_CLASSES = {
     "unet": ("minidiff.models", ("UNet2DConditionModel", "UNet2DModel")),
     "vae": ("minidiff.models", ("AutoencoderKL",)),
-    "text_encoder": ("minidiff.models", ("CLIPTextModel",)),
+    "text_encoder": ("minidiff.models", ("CLIPTextModel", "CLIPTextModelWithProjection")),
+    "text_encoder_2": ("minidiff.models", ("CLIPTextModelWithProjection", "CLIPTextModel")),
     "tokenizer": ("minidiff.text", ("CLIPTokenizer",)),
+    "tokenizer_2": ("minidiff.text", ("CLIPTokenizer",)),
     "scheduler": ("minidiff.schedulers", SCHEDULER_CLASSES),
 }
 

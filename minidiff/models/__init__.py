@@ -1,4 +1,4 @@
-from minidiff.models.clip import CLIPTextConfig, CLIPTextModel
+from minidiff.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from minidiff.models.unet_2d import UNet2DConfig, UNet2DModel, UNet2DOutput
 from minidiff.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel, UNet2DConditionOutput
 from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution

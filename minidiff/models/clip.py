@@ -7,6 +7,10 @@ used in the text encoder"). Stable Diffusion 1.x uses OpenAI's ViT-L/14 text tow
 so the pipeline reads the penultimate layer. Both are this one class in transformers' layout: attribute paths equal
 transformers 5.x's state_dict keys (``encoder.layers.0.self_attn.q_proj.weight``); older checkpoints with a
 ``text_model.`` prefix load too.
+
+SDXL's second text encoder is OpenCLIP ViT-bigG/14's tower with its projection head: ``CLIPTextModelWithProjection``,
+the same tower under ``text_model.`` plus ``text_projection`` (a bias-free Linear, CLIP Sec. 2.5's W_t) applied to
+the pooled end-of-text state; SDXL reads that projection and the penultimate layer's hidden states.
 """
 
 from __future__ import annotations
@@ -324,5 +328,88 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
             last_hidden_state=last_hidden_state,
             pooler_output=self.pool(last_hidden_state, input_ids),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+@dataclass
+class CLIPTextModelWithProjectionOutput(BaseOutput):
+    """``text_embeds`` (B, projection_dim): the projected pooled state (SDXL's pooled prompt embedding);
+    ``last_hidden_state`` and ``hidden_states`` as CLIPTextModelOutput (transformers' ``CLIPTextModelOutput``)."""
+
+    text_embeds: torch.Tensor
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CLIPTextModelWithProjection(ModelMixin, AttentionBackendMixin):
+    """The CLIP text tower plus its projection head, as transformers' CLIPTextModelWithProjection: ``text_model``
+    (a CLIPTextModel, sharing this model's config) and ``text_projection`` (hidden_size -> projection_dim, no bias).
+
+    ``text_encoder_2(input_ids, output_hidden_states=True)`` gives SDXL both of its inputs: ``.text_embeds`` (the
+    pooled prompt embedding) and ``.hidden_states[-2]`` (the penultimate layer, concatenated with CLIP-L's).
+    """
+
+    config_class = CLIPTextConfig
+    weights_name = "model.safetensors"
+    ignored_config_keys = TRANSFORMERS_BOOKKEEPING_KEYS
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        c = self.register_config(kwargs)
+        self._check_config(c)
+        self.text_model = CLIPTextModel(**kwargs)
+        self.text_model.config = c  # one config object: resize_token_embeddings updates both
+        self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
+
+    @staticmethod
+    def _check_config(c: CLIPTextConfig) -> None:
+        CLIPTextModel._check_config(c)
+        check_ints(c, "projection_dim")
+        if c.projection_dim is None:
+            fail("projection_dim", None, "CLIPTextModelWithProjection projects the pooled state to projection_dim",
+                 "set projection_dim (SDXL's OpenCLIP bigG: 1280)")
+
+    @property
+    def final_layer_norm(self) -> nn.LayerNorm:
+        return self.text_model.final_layer_norm
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        return self.text_model.resize_token_embeddings(new_num_tokens)
+
+    def attention_modules(self) -> list[CLIPAttention]:
+        return self.text_model.attention_modules()
+
+    def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Drop the ``position_ids`` buffer some files hold."""
+        return {key: value for key, value in state_dict.items() if key != "text_model.embeddings.position_ids"}
+
+    def save_config(self, folder: str | os.PathLike) -> str:
+        path = CLIPTextModel.save_config(self, folder)
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        payload["architectures"] = ["CLIPTextModelWithProjection"]
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+        return path
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> CLIPTextModelWithProjectionOutput | tuple:
+        """``input_ids`` (B, N); ``[0]`` is ``text_embeds`` (B, projection_dim), as in transformers."""
+        tower = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+        output = CLIPTextModelWithProjectionOutput(
+            text_embeds=self.text_projection(tower.pooler_output),  # (B, C) -> (B, projection_dim)
+            last_hidden_state=tower.last_hidden_state,
+            hidden_states=tower.hidden_states,
         )
         return output if return_dict else output.to_tuple()

@@ -1,11 +1,14 @@
-"""UNet2DConditionModel: the text-conditioned denoising UNet of Latent Diffusion / Stable Diffusion 1.x and 2.x
+"""UNet2DConditionModel: the text-conditioned denoising UNet of Latent Diffusion / Stable Diffusion 1.x, 2.x and XL
 (Rombach et al. 2022, Sec. 3.3): a DDPM UNet whose attention layers are Transformer2DModels that cross-attend to
 the text encoder's hidden states (``encoder_hidden_states``, LDM Eq. 1 with K, V from the text tokens).
 
 ``unet(sample, timestep, encoder_hidden_states).sample`` predicts epsilon (or v) with the shape of ``sample``.
-Config fields and state_dict keys are diffusers' ones; fields of diffusers' config that select features minidiff
-does not implement (SDXL's added embeddings, Kandinsky's projections, ...) are accepted at their default value and
-rejected with a ValueError otherwise.
+SDXL (Podell et al. 2023, Sec. 2.1-2.2) is the same network with deeper transformers (``transformer_layers_per_block``)
+and one more conditioning path, ``addition_embed_type="text_time"``: the pooled text embedding and the size/crop
+"micro-conditioning" numbers (``added_cond_kwargs={"text_embeds", "time_ids"}``) are embedded and added to the time
+embedding. Config fields and state_dict keys are diffusers' ones; fields of diffusers' config that select features
+minidiff does not implement (Kandinsky's projections, LCM's timestep_cond, ...) are accepted at their default value
+and rejected with a ValueError otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ UNSUPPORTED_FIELDS = {
     "dual_cross_attention": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
@@ -176,6 +179,9 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
             c.class_embed_type, c.num_class_embeds, time_embed_dim, timestep_input_dim, c.act_fn,
             c.projection_class_embeddings_input_dim,
         )
+        if c.addition_embed_type == "text_time":  # SDXL: [pooled text, sinusoids of each time id] -> MLP
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim)
         self.time_embed_act = get_activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
 
         # the resnets see the time embedding, concatenated with the class embedding if class_embeddings_concat
@@ -229,6 +235,12 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
         check_choice("time_embedding_type", c.time_embedding_type, ("positional", "fourier"))
         check_class_embedding(c.class_embed_type, c.projection_class_embeddings_input_dim)
+        if c.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if c[key] is None:
+                    fail(key, None, "addition_embed_type='text_time' embeds the time ids and the pooled text with it",
+                         f"set {key} (SDXL base: addition_time_embed_dim=256, "
+                         "projection_class_embeddings_input_dim=2816)")
         for name in ("time_embedding_act_fn", "timestep_post_act"):
             if getattr(c, name) is not None:
                 get_activation(getattr(c, name), name)
@@ -242,7 +254,7 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         ):
             raise ValueError("per-layer transformer_layers_per_block lists need reverse_transformer_layers_per_block")
         check_ints(c, "cross_attention_dim", "attention_head_dim", "num_attention_heads", "conv_in_kernel",
-                   "conv_out_kernel", "projection_class_embeddings_input_dim")
+                   "conv_out_kernel", "projection_class_embeddings_input_dim", "addition_time_embed_dim")
         check_ints(c, "transformer_layers_per_block", "reverse_transformer_layers_per_block", minimum=0)
         check_output_scale(c, "resnet_out_scale_factor")
         for key in ("conv_in_kernel", "conv_out_kernel"):
@@ -312,6 +324,57 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
             raise ValueError(f"encoder_hidden_states of shape {shape} hold no tokens; pass at least one")
         check_input_dtype("encoder_hidden_states", encoder_hidden_states, self.dtype)
 
+    def _check_added_cond_kwargs(self, added_cond_kwargs: dict | None, sample: torch.Tensor) -> None:
+        """A ``text_time`` UNet needs ``text_embeds (B, P)`` and ``time_ids (B, n)`` that fill its add_embedding's
+        input; other UNets take none (None or an empty dict)."""
+        c = self.config
+        if c.addition_embed_type != "text_time":
+            if added_cond_kwargs is not None and not (isinstance(added_cond_kwargs, dict) and not added_cond_kwargs):
+                shown = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else \
+                    type(added_cond_kwargs).__name__
+                raise ValueError(f"added_cond_kwargs={shown} given, but this UNet2DConditionModel has no added "
+                                 "conditioning (addition_embed_type=None, an SD 1.x/2.x UNet); pass None, or use an "
+                                 "SDXL UNet (addition_embed_type='text_time')")
+            return
+        width, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
+        example = f'added_cond_kwargs={{"text_embeds": (B, P), "time_ids": (B, n)}} with P + n * {per_id} = {width}'
+        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            given = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else added_cond_kwargs
+            raise ValueError(f"this SDXL UNet2DConditionModel (addition_embed_type='text_time') needs {example} "
+                             f"(the SDXL pipelines pass the pooled text embedding and the size/crop ids); got {given}")
+        unknown = sorted(set(added_cond_kwargs) - {"text_embeds", "time_ids"})
+        if unknown:
+            raise ValueError(f"added_cond_kwargs {unknown} are not used by a text_time UNet; pass only "
+                             "'text_embeds' and 'time_ids'")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        batch = sample.shape[0]
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
+                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"added_cond_kwargs[{name!r}] must be a 2-D tensor with the batch of sample "
+                                 f"(B={batch}, ...), got {got}; {example}")
+            if not value.is_floating_point():
+                raise ValueError(f"added_cond_kwargs[{name!r}] must be a floating-point tensor, got {value.dtype}")
+        got = text_embeds.shape[1] + time_ids.shape[1] * per_id
+        if got != width:
+            ids = (width - text_embeds.shape[1]) / per_id
+            wanted = f"{int(ids)} time ids" if ids == int(ids) and ids >= 0 else "another text_embeds width"
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * {per_id} = {got} features, but add_embedding takes "
+                f"projection_class_embeddings_input_dim={width}: with this text_embeds width pass {wanted} "
+                "(SDXL base: 6 = original size, crop top-left, target size; refiner: 5 = original size, crop, "
+                "aesthetic score)"
+            )
+
+    def _text_time_embedding(self, added_cond_kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's added embedding (Podell et al. 2023, Sec. 2.2): each time id (sizes, crop, aesthetic score) gets
+        the sinusoidal features of a timestep, concatenated after the pooled text embedding, then an MLP."""
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]  # (B, P), (B, n)
+        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * n, addition_time_embed_dim)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n * addition_time_embed_dim)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, time_embed_dim)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -327,15 +390,17 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
         ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
         ``cross_attention_kwargs={"scale": s}`` scales the unfused LoRA adapters for this call (as diffusers).
-        ``timestep_cond`` and ``added_cond_kwargs`` are accepted so that diffusers' pipeline code calls this UNet
-        unchanged; they must be None or empty (no LCM / SDXL inputs)."""
+        ``added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, n)}``: SDXL's added conditioning, required by a
+        ``text_time`` UNet (P + n * addition_time_embed_dim = projection_class_embeddings_input_dim) and refused by
+        others. ``timestep_cond`` is accepted so that diffusers' pipeline code calls this UNet unchanged; it must be
+        None (no LCM inputs)."""
         lora_scale = _lora_scale(cross_attention_kwargs)
-        for name, value in (("timestep_cond", timestep_cond), ("added_cond_kwargs", added_cond_kwargs)):
-            if value is not None and not (isinstance(value, dict) and not value):
-                shown = sorted(value) if isinstance(value, dict) else type(value).__name__
-                raise ValueError(f"{name}={shown} is not supported by minidiff's UNet2DConditionModel; pass None")
+        if timestep_cond is not None:
+            raise ValueError("timestep_cond is not supported by minidiff's UNet2DConditionModel (no LCM "
+                             "time_cond_proj_dim); pass None")
         self._check_sample(sample)
         self._check_encoder_hidden_states(sample, encoder_hidden_states)
+        self._check_added_cond_kwargs(added_cond_kwargs, sample)
         c = self.config
         if c.center_input_sample:
             sample = 2 * sample - 1.0
@@ -346,6 +411,8 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
             class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
             if class_emb is not None:
                 emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
+            if c.addition_embed_type == "text_time":
+                emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)  # (B, time_embed_dim)
             if self.time_embed_act is not None:
                 emb = self.time_embed_act(emb)
             output = self._unet(sample, emb, encoder_hidden_states)

@@ -133,7 +133,7 @@ class DiffusionPipeline:
             if component is None:
                 index[name] = [None, None]
                 continue
-            library = "transformers" if name in ("text_encoder", "tokenizer") else "diffusers"
+            library = "transformers" if name.startswith(("text_encoder", "tokenizer")) else "diffusers"
             index[name] = [library, type(component).__name__]
             component.save_pretrained(os.path.join(os.fspath(save_directory), name))
         for name in SKIPPED_COMPONENTS[:2]:
@@ -144,6 +144,6 @@ class DiffusionPipeline:
 
 
 def _load_component(name: str, cls: type, folder: str, torch_dtype, variant):
-    if name in ("tokenizer", "scheduler"):
+    if name.startswith(("tokenizer", "scheduler")):
         return cls.from_pretrained(folder, subfolder=name)
     return cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)

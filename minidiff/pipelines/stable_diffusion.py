@@ -237,16 +237,19 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
 
     def predict_noise(self, latents, t, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
                       extra_channels: torch.Tensor | None = None, step: int = 0,
-                      cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+                      cross_attention_kwargs: dict | None = None,
+                      added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """UNet noise prediction at x_t; with CFG the batch is [uncond, cond] and the halves are combined.
+        ``added_cond_kwargs`` (SDXL: pooled text and time ids, batched like ``prompt_embeds``) go to the UNet.
         ``step`` (the loop index) only names the step in the error raised for a NaN/Inf prediction."""
         do_cfg = guidance_scale > 1.0
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:  # inpainting UNets: cat([latents, mask, masked image latents], dim=1)
             model_input = torch.cat([model_input, extra_channels], dim=1)
+        added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
         noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
-                               cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+                               cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **added)[0]
         check_finite(noise_pred, f"UNet output at step {step} (t={int(t)})")
         return classifier_free_guidance(noise_pred, guidance_scale, guidance_rescale) if do_cfg else noise_pred
 
