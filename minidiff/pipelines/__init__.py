@@ -6,9 +6,14 @@ from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
 from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
 from minidiff.pipelines.inversion import InversionOutput, StableDiffusionDDIMInversionPipeline
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from minidiff.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline, StableDiffusionXLPipelineOutput
+from minidiff.pipelines.stable_diffusion_xl_img2img import StableDiffusionXLImg2ImgPipeline
+from minidiff.pipelines.stable_diffusion_xl_inpaint import StableDiffusionXLInpaintPipeline
 
 __all__ = [
     "DiffusionPipeline", "DDPMPipeline", "DDIMPipeline", "ImagePipelineOutput",
     "StableDiffusionPipeline", "StableDiffusionPipelineOutput", "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline", "InversionOutput",
+    "StableDiffusionXLPipeline", "StableDiffusionXLPipelineOutput", "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ]

@@ -101,9 +101,14 @@ class DiffusionPipeline:
     # ---- folders ----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant: str | None = None, **overrides):
-        """Load every component from a diffusers pipeline folder; pass ``name=object`` to supply one yourself."""
+        """Load every component from a diffusers pipeline folder; pass ``name=object`` to supply one yourself.
+        Pipeline-level values of model_index.json (``cls.config_names``, e.g. SDXL's force_zeros_for_empty_prompt)
+        go to the pipeline's __init__; a keyword argument of the same name overrides the file's value."""
         folder = resolve_folder(pretrained_model_name_or_path)
         index_path, index = _read_model_index(folder)
+        config_names = getattr(cls, "config_names", ())
+        config = {key: overrides.pop(key) if key in overrides else index[key]
+                  for key in config_names if key in overrides or key in index}
         classes = {}  # check every entry before loading anything
         for name in cls.component_names:
             if name in overrides:
@@ -112,7 +117,10 @@ class DiffusionPipeline:
             if class_name is None:
                 if name in cls.optional_components:
                     continue
-                raise ValueError(f"{index_path} has no entry for the {name!r} component {cls.__name__} needs")
+                saved_as = index.get("_class_name")
+                other = isinstance(saved_as, str) and saved_as != cls.__name__
+                hint = f" (the folder holds a {saved_as}: load it with that class)" if other else ""
+                raise ValueError(f"{index_path} has no entry for the {name!r} component {cls.__name__} needs{hint}")
             classes[name] = component_class(name, class_name, index_path)
         for name in classes:
             if not os.path.isdir(os.path.join(folder, name)):
@@ -123,7 +131,7 @@ class DiffusionPipeline:
             components[name] = _load_component(name, component_cls, folder, torch_dtype, variant)
         if overrides:
             raise TypeError(f"unknown components {sorted(overrides)}; {cls.__name__} has {list(cls.component_names)}")
-        return cls(**components)
+        return cls(**components, **config)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write each component to its subfolder plus model_index.json (diffusers' layout)."""
@@ -139,6 +147,8 @@ class DiffusionPipeline:
         for name in SKIPPED_COMPONENTS[:2]:
             index[name] = [None, None]
         index["requires_safety_checker"] = False
+        for key in getattr(self, "config_names", ()):  # pipeline-level values diffusers keeps in model_index.json
+            index[key] = getattr(self, key)
         with open(os.path.join(save_directory, "model_index.json"), "w", encoding="utf-8") as handle:
             json.dump(index, handle, indent=2)
 

@@ -35,8 +35,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             latents = torch.cat([self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(batch)])
         else:
             latents = self.vae.encode(image).latent_dist.sample(generator)
-        latents = latents * self.vae.config.scaling_factor
-        return latents.repeat(batch // latents.shape[0], 1, 1, 1)  # (B, 4, H/8, W/8)
+        return self.scale_image_latents(latents).repeat(batch // latents.shape[0], 1, 1, 1)  # (B, 4, H/8, W/8)
+
+    def scale_image_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE posterior samples -> diffusion latents: times the VAE's ``scaling_factor``."""
+        return latents * self.vae.config.scaling_factor
 
     def strength_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The tail of the schedule that ``strength`` keeps; tells sigma schedulers where they begin."""

@@ -28,9 +28,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
 
     def prepare_mask(self, mask: torch.Tensor, masked_image: torch.Tensor, batch: int, generator, do_cfg: bool):
         """Mask resized to latent size (nearest) and masked-image latents, repeated to the (CFG) batch."""
+        masked_latents = self.encode_image_latents(masked_image, masked_image.shape[0], generator)
+        return self.batch_mask(mask, masked_latents, batch, do_cfg)
+
+    def batch_mask(self, mask: torch.Tensor, masked_latents: torch.Tensor, batch: int, do_cfg: bool):
+        """Mask resized to latent size (nearest) and the masked image's latents, repeated to the (CFG) batch."""
         latent_size = (mask.shape[-2] // self.vae_scale_factor, mask.shape[-1] // self.vae_scale_factor)
         mask = F.interpolate(mask, size=latent_size)  # (B, 1, h, w), nearest
-        masked_latents = self.encode_image_latents(masked_image, masked_image.shape[0], generator)
         for name, tensor in (("mask_image", mask), ("image", masked_latents)):
             if batch % tensor.shape[0]:
                 raise ValueError(f"{tensor.shape[0]} {name} entries cannot be spread over a batch of {batch}")
@@ -39,6 +43,35 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         if do_cfg:
             mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
         return mask, masked_latents
+
+    def start_latents(self, pixels, latents, timesteps, batch: int, generator, strength: float, dtype,
+                      need_clean: bool):
+        """(x_t at the first kept step, the noise in it, the clean image latents or None), drawn in diffusers' order:
+        the image latents (if ``need_clean`` or strength < 1), then the noise. Given ``latents`` are the noise."""
+        clean = None
+        if need_clean or (latents is None and strength < 1.0):
+            clean = self.encode_image_latents(pixels.to(dtype), batch, generator)
+        height, width = (size // self.vae_scale_factor for size in pixels.shape[-2:])
+        shape = (batch, self.vae.config.latent_channels, height, width)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            if strength == 1.0:
+                latents = noise * self.scheduler.init_noise_sigma
+            else:
+                latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        else:
+            noise = latents.to(self.device)
+            latents = noise * self.scheduler.init_noise_sigma
+        return latents, noise, clean
+
+    def keep_unmasked(self, latents, clean, noise, mask, timesteps, i: int, do_cfg: bool) -> torch.Tensor:
+        """4-channel UNets, after step ``i``: the kept region (mask 0) becomes the clean latents noised to the next
+        timestep (the clean latents after the last step); the repainted region (mask 1) keeps the denoised latents."""
+        keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])
+        repaint = mask.chunk(2)[0] if do_cfg else mask  # (B, 1, h, w); the CFG batch holds it twice
+        return (1 - repaint) * keep + repaint * latents
 
     @torch.no_grad()
     def __call__(
@@ -93,21 +126,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                              "pass one mask for all images or one per image")
 
         # Random draws in diffusers' order: image latents (if needed), noise, masked-image latents.
-        clean = None
-        if channels == 4 or (latents is None and strength < 1.0):
-            clean = self.encode_image_latents(pixels.to(text.dtype), batch, generator)
-        shape = (batch, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=text.dtype)
-            if strength == 1.0:
-                latents = noise * self.scheduler.init_noise_sigma
-            else:
-                latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-        else:
-            noise = latents.to(device)
-            latents = noise * self.scheduler.init_noise_sigma
+        latents, noise, clean = self.start_latents(pixels, latents, timesteps, batch, generator, strength, text.dtype,
+                                                   need_clean=channels == 4)
         masked_image = pixels * (mask < 0.5)
         mask, masked_latents = self.prepare_mask(mask.to(text.dtype), masked_image.to(text.dtype), batch, generator, do_cfg)
         extra = torch.cat([mask, masked_latents], dim=1) if channels == 9 else None
@@ -118,8 +138,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                                             cross_attention_kwargs=cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             if channels == 4:  # keep the unmasked region on the original image's noisy trajectory
-                keep = clean if i == len(timesteps) - 1 else self.scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2])
-                repaint = mask.chunk(2)[0] if do_cfg else mask
-                latents = (1 - repaint) * keep + repaint * latents
+                latents = self.keep_unmasked(latents, clean, noise, mask, timesteps, i, do_cfg)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text)
         return self.finish(latents, output_type, return_dict)

@@ -58,6 +58,10 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
             if name not in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"):
                 raise TypeError(f"{type(self).__name__} got an unexpected component {name!r}")
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":
+            raise ValueError(f"{type(self).__name__} got an SDXL UNet (addition_embed_type='text_time', it needs "
+                             "pooled text and size conditioning); load the folder with StableDiffusionXLPipeline (or "
+                             "the SDXL img2img/inpaint pipelines)")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._normalize_scheduler_config(scheduler)
         if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
@@ -261,8 +265,12 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> VAE output (B, 3, H, W) in about [-1, 1], checked for NaN/Inf."""
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        decoded = self.vae.decode(self.unscale_latents(latents), return_dict=False)[0]
         return check_finite(decoded, "VAE decode output", hint="check the VAE weights and dtype")
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> the VAE decoder's input: divided by the VAE's ``scaling_factor``."""
+        return latents / self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> Any:
         """Latents -> numpy images (B, H, W, 3) in [0, 1] (the older diffusers helper)."""
@@ -295,10 +303,12 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
 
     @classmethod
     def from_single_file(cls, path: str, **kwargs: Any):
-        """Load an original (LDM layout) Stable Diffusion checkpoint file, e.g. ``v1-5-pruned-emaonly.safetensors``."""
+        """Load an original (LDM / SGM layout) Stable Diffusion checkpoint file, e.g.
+        ``v1-5-pruned-emaonly.safetensors`` or ``sd_xl_base_1.0.safetensors``; an SDXL file given to an SD 1/2
+        pipeline (or the reverse) is a ValueError naming the class to use."""
         from minidiff.loading.single_file import load_pipeline_components
 
-        return cls(**load_pipeline_components(path, **kwargs))
+        return cls(**load_pipeline_components(path, pipeline_class=cls, **kwargs))
 
 
 class StableDiffusionPipeline(StableDiffusionBase):
