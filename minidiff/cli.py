@@ -245,8 +245,9 @@ def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Ima
         return pipe.edit(images["--image"], args.source_prompt, args.prompt, num_inference_steps=args.steps,
                          start_step=args.start_step, guidance_scale=args.guidance)
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
-                  prompt_weighting=args.prompt_weighting)
+                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed))
+    if args.prompt_weighting:  # an SD 1.x/2.x option (refused for SDXL models before loading)
+        kwargs.update(prompt_weighting=args.prompt_weighting)
     if args.command in ("generate", "inpaint"):
         kwargs.update(height=args.height, width=args.width)
     if args.command == "img2img":
@@ -259,6 +260,7 @@ def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Ima
 def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
     """Check every flag and file, then load, sample and save, timing each stage."""
     from minidiff import ops, pipelines, schedulers
+    from minidiff.loading.single_file import is_sdxl_model
     from minidiff.pipelines.images import open_image
 
     check_arguments(args)
@@ -271,6 +273,16 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
         "inpaint": pipelines.StableDiffusionInpaintPipeline,
         "edit": pipelines.StableDiffusionDDIMInversionPipeline,
     }[args.command]
+    if args.model is not None and is_sdxl_model(args.model):  # an SDXL folder or file: the command's SDXL pipeline
+        if args.command == "edit":
+            raise ValueError(f"--model {args.model} is an SDXL model; edit (DDIM inversion) runs SD 1.x/2.x models "
+                             "only: use img2img (with --strength) to redraw an image with SDXL")
+        if args.prompt_weighting:
+            raise ValueError(f"--prompt-weighting is not supported for SDXL models (--model {args.model}); leave it "
+                             "out to use the prompt text as it is")
+        pipeline_class = {"generate": pipelines.StableDiffusionXLPipeline,
+                          "img2img": pipelines.StableDiffusionXLImg2ImgPipeline,
+                          "inpaint": pipelines.StableDiffusionXLInpaintPipeline}[args.command]
     with stage("load", timings):
         pipe = load_pipeline(pipeline_class, args.model)
         load_loras(pipe, loras)

@@ -3,16 +3,21 @@
 Every format names a target by its module path, so the mapping is a rule, never a per-tensor table:
 
 1. diffusers / peft (what ``save_lora_weights`` writes): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``,
-   ``text_encoder.text_model.<module>...``; alpha comes from the adapter metadata diffusers stores in the safetensors
-   header (``lora_adapter_metadata``: JSON with ``unet.lora_alpha``, ``unet.alpha_pattern`` ...), else alpha = rank.
+   ``text_encoder.text_model.<module>...`` (SDXL: ``text_encoder_2.text_model.<module>...`` too); alpha comes from
+   the adapter metadata diffusers stores in the safetensors header (``lora_adapter_metadata``: JSON with
+   ``unet.lora_alpha``, ``unet.alpha_pattern`` ...), else alpha = rank.
    Unprefixed ``<module>.lora_A.weight`` keys (``unet.load_attn_procs``) belong to the UNet.
 2. kohya / A1111: ``lora_unet_<module path with "." replaced by "_">.lora_down.weight``, ``.lora_up.weight``,
-   ``.alpha`` (``lora_te_text_model_...`` for the text encoder), resolved against the model's own module names.
+   ``.alpha`` (``lora_te_text_model_...`` for the text encoder; SDXL: ``lora_te1_`` / ``lora_te2_`` for the two
+   encoders), resolved against the model's own module names. kohya trains SDXL on Stability's SGM UNet, so SDXL
+   files name UNet modules by their LDM paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k``):
+   those are resolved through the single-file key rule (``minidiff.loading.single_file``), not a table.
 3. attention processors (diffusers < 0.21): ``<block>.processor.to_q_lora.down.weight`` (``to_k``, ``to_v``,
    ``to_out`` -> ``to_out.0``), text encoder ``...q_proj.lora_linear_layer.down.weight``; alpha = rank.
 
 minidiff's CLIP has no ``text_model.`` level, so that prefix is dropped for the text encoder (as diffusers does for
-transformers' flattened CLIPTextModel) and put back when writing.
+transformers' flattened CLIPTextModel) and put back when writing; SDXL's CLIPTextModelWithProjection keeps it, as
+transformers does.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from safetensors.torch import save
 from minidiff.fileio import atomic_write
 from minidiff.loading.hub import cached_snapshot
 from minidiff.loading.safetensors_io import PICKLE_SUFFIXES, looks_like_pickle, require_regular_file
+from minidiff.loading.single_file import unet_module_to_ldm
 
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry (lora_base.py)
 TEXT_MODEL_PREFIX = "text_model."
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -124,23 +130,24 @@ class KeyRule:
 
 
 PEFT = KeyRule("diffusers/peft", re.compile(
-    r"^(?:(?P<component>unet|text_encoder)\.)?(?P<module>.+)\.lora_(?P<role>A|B)\.weight$"),
+    r"^(?:(?P<component>unet|text_encoder_2|text_encoder)\.)?(?P<module>.+)\.lora_(?P<role>A|B)\.weight$"),
     "unet.<module>.lora_A.weight / .lora_B.weight")
 KOHYA = KeyRule("kohya", re.compile(
-    r"^lora_(?P<component>unet|te)_(?P<module>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"),
+    r"^lora_(?P<component>unet|te1|te2|te)_(?P<module>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"),
     "lora_unet_<module_path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha")
 PROCESSOR = KeyRule("attention processor", re.compile(
-    r"^(?:(?P<component>unet|text_encoder)\.)?(?P<module>.+?)(?:\.processor)?"
+    r"^(?:(?P<component>unet|text_encoder_2|text_encoder)\.)?(?P<module>.+?)(?:\.processor)?"
     r"\.(?:(?P<projection>to_q|to_k|to_v|to_out)_lora|lora|lora_linear_layer)\.(?P<role>down|up)\.weight$"),
     "<block>.processor.to_q_lora.down.weight / .up.weight")
 RULES = (KOHYA, PEFT, PROCESSOR)
 
 ROLES = {"A": "down", "B": "up", "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
          "down": "down", "up": "up"}
-KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder"}
+KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 # an attention processor's projection -> the Linear it adapts (UNet Attention / CLIP self-attention)
+CLIP_PROCESSOR_TARGETS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 PROCESSOR_TARGETS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-                     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+                     "text_encoder": CLIP_PROCESSOR_TARGETS, "text_encoder_2": CLIP_PROCESSOR_TARGETS}
 LDM_BLOCK_NAMES = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -226,7 +233,7 @@ def _group_parts(parsed: dict[str, ParsedKey], tensors, models, rule: KeyRule, s
                              f"{sorted(models)} can take them here")
         if item.component not in resolvers:
             resolvers[item.component] = _module_names(models[item.component], underscored=rule is KOHYA)
-        path = resolvers[item.component].get(_name_in_model(item, rule))
+        path = resolvers[item.component].get(_name_in_model(item, rule, models[item.component]))
         if path is None:
             unresolved.append(key)
             continue
@@ -241,14 +248,29 @@ def _group_parts(parsed: dict[str, ParsedKey], tensors, models, rule: KeyRule, s
 
 
 def _module_names(model: torch.nn.Module, underscored: bool) -> dict[str, str]:
-    """Name as a file may spell it -> module path: the path itself, or (kohya) the path with "." -> "_"."""
+    """Name as a file may spell it -> module path: the path itself, or (kohya) the path with "." -> "_" and, for an
+    SDXL UNet, its SGM (LDM) path with "." -> "_" too."""
     names = [name for name, _ in model.named_modules() if name]
-    return {name.replace(".", "_") if underscored else name: name for name in names}
+    spelled = {name.replace(".", "_") if underscored else name: name for name in names}
+    if underscored and getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time":
+        spelled.update({sgm.replace(".", "_"): name for name, sgm in _sgm_paths(model).items()})
+    return spelled
 
 
-def _name_in_model(item: ParsedKey, rule: KeyRule) -> str:
-    """The file's module name without transformers' ``text_model.`` level (``text_model_`` for kohya)."""
-    if item.component != "text_encoder":
+def _sgm_paths(unet: torch.nn.Module) -> dict[str, str]:
+    """Module path -> SGM path of each module holding a weight (or a LoRA layer around one), e.g.
+    ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``."""
+    to_sgm = unet_module_to_ldm(unet)
+    inside_lora = re.compile(r"\.(base_layer|adapters)(\.|$)")
+    return {name: to_sgm(name) for name, module in unet.named_modules()
+            if name and not inside_lora.search(name)
+            and (isinstance(getattr(module, "weight", None), torch.nn.Parameter) or hasattr(module, "base_layer"))}
+
+
+def _name_in_model(item: ParsedKey, rule: KeyRule, model: torch.nn.Module) -> str:
+    """The file's module name without transformers' ``text_model.`` level (``text_model_`` for kohya) when the model
+    has none (minidiff's CLIPTextModel; CLIPTextModelWithProjection keeps ``text_model``)."""
+    if not item.component.startswith("text_encoder") or "text_model" in dict(model.named_children()):
         return item.module
     prefix = TEXT_MODEL_PREFIX.replace(".", "_") if rule is KOHYA else TEXT_MODEL_PREFIX
     return item.module.removeprefix(prefix)
@@ -260,7 +282,7 @@ def _unresolved_message(keys: list[str], rule: KeyRule, source: str) -> str:
         hint += " with '.' replaced by '_' (e.g. lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q)"
         if any(block in key for key in keys for block in LDM_BLOCK_NAMES):
             hint += "; LDM/SGM block names (input_blocks/middle_block/output_blocks, used by SDXL kohya files) " \
-                    "are not supported: SD1/SD2 kohya files use the diffusers names"
+                    "are read for SDXL UNets only: SD1/SD2 kohya files use the diffusers names"
     return f"{source}: {len(keys)} key(s) match no module of the model, e.g. {keys[:5]}; {hint}"
 
 
@@ -366,7 +388,8 @@ def write_lora_file(save_directory, weight_name: str | None, layers: dict[str, d
                 raise TypeError(f"{component} LoRA layer {key!r} must be a tensor, got {type(tensor).__name__}")
             tensors[_file_key(component, key)] = tensor.detach().to("cpu").contiguous().clone()
     if not tensors:
-        raise ValueError("no LoRA layers to save: pass unet_lora_layers and/or text_encoder_lora_layers")
+        raise ValueError("no LoRA layers to save: pass unet_lora_layers and/or text_encoder_lora_layers "
+                         "(SDXL: text_encoder_2_lora_layers)")
     header = {"format": "pt"}
     packed = {f"{component}.{field}": value for component, config in adapter_metadata.items() if config
               for field, value in config.items()}

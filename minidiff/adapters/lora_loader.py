@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minidiff.adapters import lora
-from minidiff.adapters.lora_formats import parse_lora, read_lora_file, write_lora_file
+from minidiff.adapters.lora_formats import COMPONENTS, parse_lora, read_lora_file, write_lora_file
 
 LOAD_OPTIONS = ("weight_name", "subfolder")
 
@@ -76,11 +76,16 @@ def _weight(value, where: str) -> float:
 
 
 class StableDiffusionLoraLoaderMixin:
-    """LoRA on ``self.unet`` and ``self.text_encoder`` (diffusers' StableDiffusionLoraLoaderMixin)."""
+    """LoRA on ``self.unet`` and ``self.text_encoder`` (diffusers' StableDiffusionLoraLoaderMixin), and on
+    ``self.text_encoder_2`` in the SDXL pipelines (diffusers' StableDiffusionXLLoraLoaderMixin)."""
 
-    _lora_loadable_modules = ["unet", "text_encoder"]
     unet_name = "unet"
     text_encoder_name = "text_encoder"
+
+    @property
+    def _lora_loadable_modules(self) -> list[str]:
+        """The pipeline's components LoRA can adapt: unet, text_encoder and (SDXL) text_encoder_2."""
+        return [name for name in COMPONENTS if name in self.component_names]
 
     def _lora_models(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in self._lora_loadable_modules
@@ -109,11 +114,12 @@ class StableDiffusionLoraLoaderMixin:
             lora.unload_lora(model)
 
     # ---- fusing
-    def fuse_lora(self, components: list[str] = ["unet", "text_encoder"], lora_scale: float = 1.0,  # noqa: B006
-                  safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
         """Merge ``adapter_names`` (default: the active adapters), each with its weight x ``lora_scale``, into the
-        weights of ``components``. The per-call ``cross_attention_kwargs`` scale no longer applies to them."""
-        models = self._components(components, "fuse_lora")
+        weights of ``components`` (default: every LoRA component). The per-call ``cross_attention_kwargs`` scale no
+        longer applies to them."""
+        models = self._components(self._lora_loadable_modules if components is None else components, "fuse_lora")
         lora_scale = _weight(lora_scale, "lora_scale")
         if adapter_names is not None:
             adapter_names = _names(adapter_names, "adapter_names")
@@ -122,8 +128,9 @@ class StableDiffusionLoraLoaderMixin:
         for layer, deltas in (step for plan in plans for step in plan):  # all components checked first
             layer.fuse(deltas)
 
-    def unfuse_lora(self, components: list[str] = ["unet", "text_encoder"]) -> None:  # noqa: B006
-        """Subtract what ``fuse_lora`` added (stored, not recomputed)."""
+    def unfuse_lora(self, components: list[str] | None = None) -> None:
+        """Subtract what ``fuse_lora`` added (stored, not recomputed) in ``components`` (default: all)."""
+        components = self._lora_loadable_modules if components is None else components
         for model in self._components(components, "unfuse_lora").values():
             lora.unfuse_lora(model)
 
@@ -197,18 +204,26 @@ class StableDiffusionLoraLoaderMixin:
     # ---- saving
     @classmethod
     def save_lora_weights(cls, save_directory, unet_lora_layers=None, text_encoder_lora_layers=None,
-                          is_main_process: bool = True, weight_name: str | None = None, save_function=None,
-                          safe_serialization: bool = True, unet_lora_adapter_metadata: dict | None = None,
-                          text_encoder_lora_adapter_metadata: dict | None = None) -> str | None:
+                          text_encoder_2_lora_layers=None, is_main_process: bool = True, weight_name: str | None = None,
+                          save_function=None, safe_serialization: bool = True,
+                          unet_lora_adapter_metadata: dict | None = None,
+                          text_encoder_lora_adapter_metadata: dict | None = None,
+                          text_encoder_2_lora_adapter_metadata: dict | None = None) -> str | None:
         """Write diffusers' LoRA file from peft-named layers (``lora_state_dict(model, name)`` or peft's
-        ``get_peft_model_state_dict``; a module's ``state_dict()`` too) and their LoraConfig metadata."""
+        ``get_peft_model_state_dict``; a module's ``state_dict()`` too) and their LoraConfig metadata;
+        ``text_encoder_2_*`` for the SDXL pipelines' second text encoder."""
         if save_function is not None or not safe_serialization:
             raise ValueError("minidiff writes LoRA weights as safetensors only: leave save_function=None and "
                              "safe_serialization=True")
+        if text_encoder_2_lora_layers and "text_encoder_2" not in cls.component_names:
+            raise ValueError(f"{cls.__name__} has no text_encoder_2: save SDXL LoRA layers with "
+                             "StableDiffusionXLPipeline.save_lora_weights")
         layers, metadata = {}, {}
         for component, given, config in (("unet", unet_lora_layers, unet_lora_adapter_metadata),
                                          ("text_encoder", text_encoder_lora_layers,
-                                          text_encoder_lora_adapter_metadata)):
+                                          text_encoder_lora_adapter_metadata),
+                                         ("text_encoder_2", text_encoder_2_lora_layers,
+                                          text_encoder_2_lora_adapter_metadata)):
             if given:
                 layers[component] = given.state_dict() if isinstance(given, nn.Module) else dict(given)
                 metadata[component] = config
