@@ -1,8 +1,10 @@
 """Tiny seeded SDXL components built with diffusers/transformers, saved once, loaded by both libraries.
 
-The base config is diffusers' own SDXL pipeline test config (tests/pipelines/stable_diffusion_xl, get_dummy_components):
-a 2-level UNet with ``transformer_layers_per_block=(1, 2)``, two text encoders of width 32 whose penultimate states are
-concatenated (cross_attention_dim 64), and 6 time ids of 8 features after the 32-wide pooled embedding (80 in all).
+The base config is diffusers' own SDXL pipeline test config (tests/pipelines/stable_diffusion_xl, get_dummy_components)
+widened from channels (2, 4) to (32, 64), with the real CLIP vocabulary and SDXL's VAE scaling factor (parity/
+test_sdxl_models.py also runs the verbatim one): a 2-level UNet with ``transformer_layers_per_block=(1, 2)``, two text
+encoders of width 32 whose penultimate states are concatenated (cross_attention_dim 64), and 6 time ids of 8 features
+after the 32-wide pooled embedding (80 in all).
 The refiner-like config has only the second text encoder (cross_attention_dim 32) and 5 time ids (original size, crop,
 aesthetic score: 32 + 5 * 8 = 72), as diffusers' img2img test with ``skip_first_text_encoder``/``requires_aesthetics_score``.
 Tokenizers use the real CLIP vocabulary; the second one pads with "!" as SDXL's OpenCLIP tokenizer does.

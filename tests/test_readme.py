@@ -51,6 +51,7 @@ from minidiff import ops
 from minidiff.builtin import builtin_model_folder, load_builtin_pipeline
 from minidiff.loading.single_file import save_single_file
 from minidiff.pipelines.inversion import InversionOutput
+from tests.tiny_components import tiny_sdxl_components
 from tests.training_fixtures import one_thread  # noqa: F401  (autouse: one torch thread)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,7 +307,8 @@ def readme_variables(builtin_pipe) -> dict:
 
     return {"pipe": builtin_pipe, "unet": builtin_pipe.unet, "editor": Inversion(**builtin_pipe.components),
             "inverted": InversionOutput, "ddpm": tiny_ddpm_pipeline(),
-            "ddim": minidiff.DDIMPipeline(**tiny_ddpm_pipeline().components)}
+            "ddim": minidiff.DDIMPipeline(**tiny_ddpm_pipeline().components),
+            "turbo": minidiff.StableDiffusionXLPipeline(**tiny_sdxl_components()), "image": PIL.Image.new("RGB", (8, 8))}
 
 
 # ---- rule tests --------------------------------------------------------------------------------------------------
@@ -323,11 +325,11 @@ def test_the_checker_catches_wrong_names(readme_variables):
         "Use `minidiff.pipelines.guidance.loss_guided_step`, `pipe.no_such_method`, `docs/missing.png`,\n"
         "`make deploy`, `python -m scripts.builtin.nothing`, `minidiff paint --prompt x`,\n"
         "`minidiff generate --colour`, "
-        "`--no-such-flag`, `StableDiffusionXLPipeline`.\n```python\nfrom minidiff import NoSuchPipeline\n```\n"
+        "`--no-such-flag`, `StableDiffusion3Pipeline`.\n```python\nfrom minidiff import NoSuchPipeline\n```\n"
     )
     found = [p for p in (problem(n, readme_variables) for n in checked(names_in_readme(text))) if p]
     for fragment in ("loss_guided_step", "no_such_method", "docs/missing.png", "'deploy'", "scripts.builtin.nothing",
-                     "'minidiff paint'", "--colour", "--no-such-flag", "StableDiffusionXLPipeline", "NoSuchPipeline"):
+                     "'minidiff paint'", "--colour", "--no-such-flag", "StableDiffusion3Pipeline", "NoSuchPipeline"):
         assert any(fragment in p for p in found), f"{fragment} not reported; reported: {found}"
 
 
@@ -411,13 +413,18 @@ def test_every_snippet_is_run_or_listed(readme):
 
 @pytest.fixture(scope="module")
 def placeholder_files(builtin_pipe, tmp_path_factory) -> tuple[dict[str, str], str]:
-    """The folders that stand for the README's placeholder folders, and a tiny single-file checkpoint."""
+    """The folders that stand for the README's placeholder folders (the SDXL ones: tiny SDXL pipelines), and a tiny
+    single-file checkpoint."""
     folder = tmp_path_factory.mktemp("readme_files")
     single_file = str(folder / "tiny.safetensors")
     save_single_file(single_file, unet=builtin_pipe.unet, vae=builtin_pipe.vae, text_encoder=builtin_pipe.text_encoder)
     tiny_ddpm_pipeline().save_pretrained(folder / "ddpm")
+    minidiff.StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder / "sdxl")
+    minidiff.StableDiffusionXLImg2ImgPipeline(**tiny_sdxl_components(refiner=True, seed=1),
+                                              requires_aesthetics_score=True).save_pretrained(folder / "refiner")
     folders = {"path/to/stable-diffusion-v1-5": builtin_model_folder(), "path/to/sd-folder": builtin_model_folder(),
-               "runs/shapes": str(folder / "ddpm")}
+               "runs/shapes": str(folder / "ddpm"), "path/to/sdxl-base": str(folder / "sdxl"),
+               "path/to/sdxl-turbo": str(folder / "sdxl"), "path/to/sdxl-refiner": str(folder / "refiner")}
     return folders, single_file
 
 

@@ -88,7 +88,7 @@ class UNet2DConditionConfig(Config):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     num_class_embeds: int | None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL base/refiner config.json files say null (= False)
     resnet_time_scale_shift: str = "default"
     resnet_skip_time_act: bool = False
     resnet_out_scale_factor: float = 1.0
@@ -353,7 +353,7 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
                 got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                 raise ValueError(f"added_cond_kwargs[{name!r}] must be a 2-D tensor with the batch of sample "
                                  f"(B={batch}, ...), got {got}; {example}")
-            if not value.is_floating_point():
+            if name == "text_embeds" and not value.is_floating_point():  # time ids may be ints: sizes, crops
                 raise ValueError(f"added_cond_kwargs[{name!r}] must be a floating-point tensor, got {value.dtype}")
         got = text_embeds.shape[1] + time_ids.shape[1] * per_id
         if got != width:
