@@ -236,6 +236,34 @@ def test_inpaint_with_masked_image_latents(inpaint):
             NP_TOL, "abs")
 
 
+def test_inpaint_masked_image_latents_of_the_wrong_shape(inpaint):
+    _, mine = inpaint
+    latents = torch.zeros(1, 4, 8, 8)  # 32 x 32 pixels are 16 x 16 latents for the tiny VAE (factor 2)
+    with pytest.raises(ValueError, match=r"masked_image_latents have shape \(1, 4, 8, 8\); height=32 width=32 need "
+                                         r"\(B, 4, 16, 16\)"):
+        mine(prompt=PROMPTS[0], image=make_image(32), mask_image=make_mask(32), masked_image_latents=latents,
+             num_inference_steps=2, **SIZE)
+
+
+def test_inpaint_handoff_from_latents(inpaint):
+    """diffusers' inpainting ensemble of experts: the base stops at denoising_end with latents out, the second call
+    takes those latents as ``image`` and continues at denoising_start."""
+    reference, mine = inpaint
+    kwargs = dict(prompt=PROMPTS[0], mask_image=make_mask(32), num_inference_steps=5, guidance_scale=5.0, **SIZE)
+    _, base_latents = run_both(reference, mine, "latent", image=make_image(32), denoising_end=0.6, **kwargs)
+    if mine.unet.config.in_channels == 9:
+        with pytest.raises(ValueError, match="needs masked_image_latents"):
+            mine(image=base_latents, denoising_start=0.6, **kwargs)
+        return
+    ours, theirs = run_both(reference, mine, image=base_latents, denoising_start=0.6, **kwargs)
+    compare("StableDiffusionXLInpaintPipeline", "hand-off: latents as image (denoising_start 0.6)", ours, theirs,
+            NP_TOL, "abs")
+    with pytest.raises(ValueError, match="pass denoising_start"):
+        mine(image=base_latents, **kwargs)
+    with pytest.raises(ValueError, match="pass the base's height and width"):
+        mine(image=base_latents, denoising_start=0.6, **{**kwargs, "height": 64, "width": 64})
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sdxl_turbo(sdxl, steps):
     """SDXL-Turbo's recipe (Sauer et al. 2023): EulerAncestral with trailing spacing, no guidance, 1-4 steps."""

@@ -50,6 +50,21 @@ def test_sdxl_folder_and_file_are_detected(sdxl, tmp_path):
     assert not is_sdxl_model(tmp_path / "sd") and not is_sdxl_model(tmp_path / "notes.txt")
 
 
+def test_a_cached_hub_id_of_an_sdxl_model_runs_the_sdxl_pipeline(sdxl, tmp_path, monkeypatch, capsys):
+    pipe, folder = sdxl
+    repo = tmp_path / "hub" / "models--org--tiny-sdxl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / "abc123").symlink_to(folder / "pipe")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert is_sdxl_model("org/tiny-sdxl") and not is_sdxl_model("org/not-cached")
+    out = tmp_path / "hub.png"
+    assert run_cli("generate", "--model", "org/tiny-sdxl", "--height", "32", "--width", "32",
+                   "--output", str(out)) == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), api_image(pipe, height=32, width=32))
+
+
 def test_generate_and_img2img_on_an_sdxl_folder_give_the_apis_images(sdxl, tmp_path, capsys):
     pipe, folder = sdxl
     out = tmp_path / "g.png"

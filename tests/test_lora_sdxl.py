@@ -98,6 +98,16 @@ def test_kohya_sdxl_file_loads_fuses_and_unloads_on_all_three_models(pipe, tmp_p
         assert all(torch.allclose(after[key], value, atol=1e-6) for key, value in state.items()), name
 
 
+def test_a_lora_on_the_added_embedding_still_samples(pipe, tmp_path):
+    """kohya's label_emb_0_0 wraps add_embedding.linear_1 in a LoRALayer; the pipeline's time-id check must work."""
+    path = kohya_file(tmp_path / "emb.safetensors", {"lora_unet_label_emb_0_0": pipe.unet.add_embedding.linear_1})
+    kwargs = dict(num_inference_steps=1, height=32, width=32, output_type="np")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(path)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(after - before).max() > 1e-3  # the adapter changes the added embedding, hence the image
+
+
 def test_diffusers_format_text_encoder_2_keys_and_save_round_trip(pipe, tmp_path):
     projection = pipe.text_encoder_2.text_projection
     q_proj = pipe.text_encoder.encoder.layers[0].self_attn.q_proj

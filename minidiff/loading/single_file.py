@@ -362,8 +362,16 @@ def read_checkpoint_shapes(path: str) -> dict[str, torch.Tensor]:
 
 def is_sdxl_model(path: str | os.PathLike) -> bool:
     """Whether a diffusers folder or a checkpoint file is an SDXL model: a folder by its model_index.json
-    (``_class_name`` StableDiffusionXL...) or a ``text_encoder_2`` subfolder, a file by its variant (keys, shapes)."""
+    (``_class_name`` StableDiffusionXL...) or a ``text_encoder_2`` subfolder, a file by its variant (keys, shapes);
+    a hub id by its snapshot in the local Hugging Face cache (False if it is not there: loading reports that)."""
+    from minidiff.loading.hub import resolve_folder
+
     path = os.fspath(path)
+    if not os.path.exists(path):
+        try:
+            path = resolve_folder(path)
+        except FileNotFoundError:
+            return False
     if os.path.isfile(path):  # a .ckpt is loaded whole here (safely); a .safetensors only has its header read
         if not path.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
             return False

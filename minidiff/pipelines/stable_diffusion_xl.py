@@ -14,7 +14,9 @@ SDXL-Turbo (Sauer et al. 2023, "Adversarial Diffusion Distillation") is this pip
 
 Where diffusers 0.42 silently drops a value, minidiff uses it (each documented where it happens): a negative size
 or crop defaults to its positive value and is always used; the CFG batch of time ids is [negatives, positives] for
-every batch size; ``prompt_2`` / ``negative_prompt_2`` given to a pipeline without the first text encoder are refused.
+every batch size; ``prompt_2`` / ``negative_prompt_2`` given to a pipeline without the first text encoder are refused;
+a ``negative_prompt_2`` given alone is encoded (diffusers' ``force_zeros_for_empty_prompt`` zeroes the negatives
+whenever ``negative_prompt`` is None).
 """
 
 from __future__ import annotations
@@ -273,7 +275,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
         score for a refiner), checked against the width of the UNet's added embedding."""
         ids = (*original_size, *crops_coords_top_left, *last)
         per_id, pooled = self.unet.config.addition_time_embed_dim, self.text_encoder_2.config.projection_dim
-        expected, built = self.unet.add_embedding.linear_1.in_features, pooled + per_id * len(ids)
+        # the config, not add_embedding.linear_1.in_features: a LoRA may wrap that Linear in a LoRALayer
+        expected, built = self.unet.config.projection_class_embeddings_input_dim, pooled + per_id * len(ids)
         if expected != built:
             raise ValueError(self._time_ids_mismatch(expected, built, per_id, pooled, len(ids)))
         return torch.tensor([ids], dtype=dtype)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from minidiff.pipelines.checks import check_latents, check_sampling_arguments
-from minidiff.pipelines.images import preprocess_image, preprocess_mask
+from minidiff.pipelines.images import preprocess_mask
 from minidiff.pipelines.img2img import check_strength
 from minidiff.pipelines.inpaint import StableDiffusionInpaintPipeline
 from minidiff.pipelines.stable_diffusion_xl import check_tensor_inputs, stop_early
@@ -37,6 +37,32 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline, StableD
         if channels not in (4, 9):
             raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
         return channels
+
+    def _check_masked_image_latents(self, masked_image_latents, height: int, width: int) -> None:
+        """Precomputed masked-image latents must be (B, latent_channels, height / f, width / f), f the VAE's factor."""
+        expected = (self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if masked_image_latents is not None and tuple(masked_image_latents.shape[1:]) != expected:
+            raise ValueError(f"masked_image_latents have shape {tuple(masked_image_latents.shape)}; height={height} "
+                             f"width={width} need (B, {', '.join(map(str, expected))}): encode the masked image at "
+                             "that size, or pass height and width")
+
+    def _check_latent_image(self, image: torch.Tensor, channels: int, masked_image_latents, denoising_start,
+                            height: int, width: int) -> None:
+        """Latents as ``image`` (a base's ``output_type="latent"``, the inpainting hand-off): only with
+        ``denoising_start``, at the latent size of (height, width), and for a 9-channel UNet with
+        ``masked_image_latents`` (latents cannot be masked in pixels)."""
+        if not self.is_latent(image):
+            return
+        if denoising_start is None:
+            raise ValueError("image is latents (B, 4, h, w): pass denoising_start (the base -> refiner hand-off), or "
+                             "pass the image in pixels to inpaint with strength")
+        expected = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if tuple(image.shape[-2:]) != expected:
+            raise ValueError(f"image latents are {tuple(image.shape[-2:])}, height={height} width={width} need "
+                             f"{expected}; pass the base's height and width")
+        if channels == 9 and masked_image_latents is None:
+            raise ValueError("a 9-channel inpainting UNet given latents as image also needs masked_image_latents "
+                             "(the masked image cannot be made from latents)")
 
     @torch.no_grad()
     def __call__(
@@ -105,22 +131,26 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline, StableD
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.start_timesteps(num_inference_steps, strength, denoising_start)
-        pixels = preprocess_image(image, height, width, self.vae_scale_factor).to(device)  # (B, 3, H, W) in [-1, 1]
+        image = self.image_input(image, torch.float32, height, width)  # (B, 3, H, W) in [-1, 1], or base latents
+        self._check_latent_image(image, channels, masked_image_latents, denoising_start, height, width)
+        self._check_masked_image_latents(masked_image_latents, height, width)
         mask = preprocess_mask(mask_image, height, width).to(device)  # (B, 1, H, W), 1 = repaint
         # Random draws in diffusers' order: image latents (if needed), noise, masked-image latents.
         if denoising_start is None:
-            latents, noise, clean = self.start_latents(pixels, latents, timesteps, batch, generator, strength, dtype,
+            latents, noise, clean = self.start_latents(image, latents, timesteps, batch, generator, strength, dtype,
                                                        need_clean=channels == 4)
         else:  # a refiner continuing a base's latents: they are x_t already
-            clean = self.encode_image_latents(pixels.to(dtype), batch, generator)
+            clean = self.clean_latents(image.to(dtype), batch, generator)
             noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
             latents = clean
-        if masked_image_latents is None:
-            masked_image = (pixels * (mask < 0.5)).to(dtype)  # the kept region; the repainted one is 0 (grey)
+        if masked_image_latents is not None:  # precomputed latents of the masked image: no VAE encode, no random draw
+            mask, masked_latents = self.batch_mask(mask.to(dtype), masked_image_latents.to(device, dtype), batch,
+                                                   do_cfg)
+        elif self.is_latent(image):  # base latents: nothing to mask in pixels; the 4-channel UNet needs only the mask
+            mask, masked_latents = self.batch_mask(mask.to(dtype), clean, batch, do_cfg)
+        else:
+            masked_image = (image * (mask < 0.5)).to(dtype)  # the kept region; the repainted one is 0 (grey)
             mask, masked_latents = self.prepare_mask(mask.to(dtype), masked_image, batch, generator, do_cfg)
-        else:  # precomputed latents of the masked image: no VAE encode, no random draw
-            masked_latents = masked_image_latents.to(device, dtype)
-            mask, masked_latents = self.batch_mask(mask.to(dtype), masked_latents, batch, do_cfg)
         extra = torch.cat([mask, masked_latents], dim=1) if channels == 9 else None  # (B or 2B, 1 + 4, h, w)
         timesteps = stop_early(timesteps, self.scheduler, denoising_end)
         step_kwargs = self.step_kwargs(generator, eta)
