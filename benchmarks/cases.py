@@ -22,6 +22,9 @@ import minidiff
 from benchmarks.harness import Pair
 from minidiff import ops
 from minidiff.models.attention import GEGLU
+from minidiff.models.modeling import skip_weight_init
+from minidiff.text import CLIPTokenizer
+from parity.sdxl_fixtures import SDXL_TEXT as TINY_SDXL_TEXT, SDXL_UNET as TINY_SDXL_UNET, SDXL_VAE as TINY_SDXL_VAE
 
 BUILTIN_ATTENTION = ("math", "sdpa", "chunked")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # max_rel above which a row reports "error too high"
@@ -64,6 +67,19 @@ BUTTERFLY = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block
 SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's scheduler config
 TINY_BUTTERFLY = dict(BUTTERFLY, sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+# SDXL base (= SDXL-Turbo) UNet, 2.6B parameters: the architecture fields of its published config.json
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128)  # 2816 = 1280 pooled + 6 x 256 time ids
+CLIP_BIG_G = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  hidden_act="gelu", projection_dim=1280)  # SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14), 694M
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+TURBO_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                       timestep_spacing="trailing")  # SDXL-Turbo's EulerAncestralDiscreteScheduler config
+SDXL_TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w): Podell et al. 2023, Sec. 2.2
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -141,6 +157,71 @@ def vae_decode_pair(config: dict, latent_size: int, dtype: torch.dtype) -> Pair:
     return model_pair(reference, ours, lambda model, z: model.decode(z).sample, latents)
 
 
+def seeded_fill_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter in place from one seed, fast enough for SDXL's 2.6B parameters (diffusers' own random
+    init takes minutes): one pool of standard normals as long as the largest tensor is drawn, and each tensor copies
+    a window of it at a seeded offset, scaled to std 1/sqrt(fan_in) (weights), 0.1 (biases) or 1 + 0.1 N(0, 1) (norm
+    scales, the 1-D "weight"s), so activations keep their scale through the 70 transformer blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    size = max(parameter.numel() for parameter in model.parameters())
+    pool = torch.randn(size, generator=generator).repeat(2)  # any window of <= size values is one slice
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            start = int(torch.randint(size, (1,), generator=generator))
+            flat = parameter.view(-1)
+            flat.copy_(pool[start:start + flat.numel()])
+            if parameter.ndim > 1:
+                flat.mul_(parameter[0].numel() ** -0.5)  # fan_in = in_features (x kernel area)
+            else:
+                flat.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+    return model
+
+
+def shared_twins(reference: torch.nn.Module, ours_class: type, config: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``reference`` and a minidiff ``ours_class(**config)`` holding the SAME weight tensors (built on the meta device,
+    then ``assign``-loaded), so a full-size pair costs one model's memory. minidiff keeps its 4-D conv weights
+    channels-last (see ModelMixin): re-applying that copies only those (a 1.3 GB of SDXL's 10.3 GB in fp32)."""
+    with skip_weight_init(), torch.device("meta"):
+        ours = ours_class(**config)
+    ours.load_state_dict(ours.convert_state_dict(reference.state_dict()), strict=True, assign=True)
+    for name, buffer in list(ours.named_buffers()):
+        if buffer.is_meta:  # a non-persistent buffer (CLIP's position_ids) is in no state dict: take the reference's
+            module, _, leaf = name.rpartition(".")
+            ours.get_submodule(module).register_buffer(leaf, reference.get_buffer(name), persistent=False)
+    return reference.eval(), ours.to(memory_format=torch.channels_last).eval()
+
+
+def meta_built_twins(name: str, config: dict, dtype: torch.dtype, seed: int = 0):
+    """diffusers' model ``name`` allocated straight in ``dtype`` and filled by ``seeded_fill_``, and minidiff's model
+    sharing its weights (``shared_twins``): a full-size SDXL UNet pair in 10.3 GB (fp32) or 5.1 GB (bf16)."""
+    with torch.device("meta"):
+        reference = getattr(diffusers, name)(**config)
+    reference = seeded_fill_(reference.to(dtype).to_empty(device="cpu"), seed)
+    return shared_twins(reference, getattr(minidiff, name), config)
+
+
+def sdxl_added_conditions(config: dict, batch: int, pixels: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """SDXL's ``added_cond_kwargs``: the pooled text embedding (B, P) and the six size/crop time ids (B, 6) of an
+    uncropped ``pixels``-square image (Podell et al. 2023, Sec. 2.2 micro-conditioning)."""
+    pooled = config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * config["addition_time_embed_dim"]
+    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=dtype).repeat(batch, 1)  # (B, 6)
+    return dict(text_embeds=randn(batch, pooled, dtype=dtype, seed=2), time_ids=time_ids)
+
+
+def sdxl_unet_pair(config: dict, latent_size: int, dtype: torch.dtype) -> Pair:
+    """The SDXL UNet at the CFG batch: latents (2, 4, s, s), 77 tokens of both text encoders' states concatenated
+    (768 + 1280 = 2048 wide), t = 999, and the added conditioning."""
+    reference, ours = meta_built_twins("UNet2DConditionModel", config, dtype)
+    sample = randn(CFG_BATCH, 4, latent_size, latent_size, dtype=dtype)
+    text = randn(CFG_BATCH, TEXT_TOKENS, config["cross_attention_dim"], dtype=dtype, seed=1)
+    added = sdxl_added_conditions(config, CFG_BATCH, 8 * latent_size, dtype)
+
+    def call(model, x, states):
+        return model(x, 999, encoder_hidden_states=states, added_cond_kwargs=added).sample
+
+    return model_pair(reference, ours, call, sample, text)
+
+
 def clip_pair(config: dict, dtype: torch.dtype) -> Pair:
     reference, ours = clip_twins(config, dtype)
     ids = torch.randint(0, config["vocab_size"], (CFG_BATCH, TEXT_TOKENS), generator=torch.Generator().manual_seed(0))
@@ -156,6 +237,7 @@ def unet_pair(config: dict, batch: int, dtype: torch.dtype) -> Pair:
 def model_cases(quick: bool, backends: tuple[str, ...]) -> list[Case]:
     unet, vae, clip, butterfly = (TINY_UNET, TINY_VAE, TINY_CLIP, TINY_BUTTERFLY) if quick else (SD15_UNET, SD_VAE, CLIP_L, BUTTERFLY)
     latent, big_latent, vae_latent = (16, 32, 8) if quick else (64, 128, 64)
+    sdxl, sdxl_latent = (TINY_SDXL_UNET, 16) if quick else (SDXL_UNET, 128)
     vae_pixels = vae_latent * 2 ** (len(vae["block_out_channels"]) - 1)
     size = butterfly["sample_size"]
     return [
@@ -164,6 +246,8 @@ def model_cases(quick: bool, backends: tuple[str, ...]) -> list[Case]:
         Case("model", "UNet2DConditionModel fwd (memory)", f"({CFG_BATCH}, 4, {big_latent}, {big_latent})",
              lambda dtype: unet_condition_pair(unet, big_latent, dtype), backends=("sdpa", "chunked"), dtypes=("fp32",),
              repeats=1),
+        Case("model", "SDXL UNet2DConditionModel fwd", f"({CFG_BATCH}, 4, {sdxl_latent}, {sdxl_latent})",
+             lambda dtype: sdxl_unet_pair(sdxl, sdxl_latent, dtype), repeats=None if quick else 3),
         Case("model", "AutoencoderKL decode", f"(1, 4, {vae_latent}, {vae_latent}) -> {vae_pixels}px",
              lambda dtype: vae_decode_pair(vae, vae_latent, dtype), backends=backends),
         Case("model", "CLIPTextModel", f"({CFG_BATCH}, {TEXT_TOKENS}) width {clip['hidden_size']}",
@@ -202,6 +286,39 @@ def stable_diffusion_pair(unet: dict, vae: dict, clip: dict, pixels: int, steps:
     return Pair(sampling_call(ours, options), sampling_call(reference, options))
 
 
+def seeded(build: Callable[[], torch.nn.Module], seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build().to(dtype)
+
+
+def turbo_pair(unet: dict, vae: dict, clip: dict, clip_2: dict, pixels: int, dtype: torch.dtype) -> Pair:
+    """SDXL-Turbo's one-step call (Sauer et al. 2023, "Adversarial Diffusion Distillation"): guidance 0 (no CFG
+    batch), EulerAncestral with trailing spacing, so the one step starts at t = 999. Every model is shared between
+    the two pipelines (``shared_twins``); the UNet is filled by ``seeded_fill_``, the others by their own init."""
+    unets = meta_built_twins("UNet2DConditionModel", unet, dtype)
+    vaes = shared_twins(seeded(lambda: diffusers.AutoencoderKL(**vae), 1, dtype), minidiff.AutoencoderKL, vae)
+    texts = shared_twins(seeded(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip)), 2, dtype),
+                         minidiff.CLIPTextModel, clip)
+    bigg = transformers.CLIPTextConfig(**clip_2)
+    reference_2 = seeded(lambda: transformers.CLIPTextModelWithProjection(bigg), 3, dtype)
+    texts_2 = shared_twins(reference_2, minidiff.CLIPTextModelWithProjection, clip_2)
+    tokenizers = CLIPTokenizer.from_default(), CLIPTokenizer.from_default(pad_token="!")  # bigG pads with "!"
+    with tempfile.TemporaryDirectory() as folder:  # the same vocabularies, read by transformers' tokenizer
+        for i, tokenizer in enumerate(tokenizers):
+            tokenizer.save_pretrained(f"{folder}/{i}")
+        reference_tokenizers = [transformers.CLIPTokenizer.from_pretrained(f"{folder}/{i}") for i in range(2)]
+    reference = diffusers.StableDiffusionXLPipeline(
+        vae=vaes[0], text_encoder=texts[0], text_encoder_2=texts_2[0], tokenizer=reference_tokenizers[0],
+        tokenizer_2=reference_tokenizers[1], unet=unets[0],
+        scheduler=diffusers.EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER), add_watermarker=False)
+    ours = minidiff.StableDiffusionXLPipeline(
+        vae=vaes[1], text_encoder=texts[1], text_encoder_2=texts_2[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unets[1], scheduler=minidiff.EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER))
+    options = dict(prompt="a photograph of an astronaut riding a horse", height=pixels, width=pixels,
+                   num_inference_steps=1, guidance_scale=0.0)
+    return Pair(sampling_call(ours, options), sampling_call(reference, options))
+
+
 def sampling_call(pipe, options: dict) -> Callable[[], Any]:
     """One seeded run of ``pipe`` returning the images as a numpy array (no progress bar)."""
     pipe.set_progress_bar_config(disable=True)
@@ -211,6 +328,8 @@ def sampling_call(pipe, options: dict) -> Callable[[], Any]:
 def pipeline_cases(quick: bool, backends: tuple[str, ...]) -> list[Case]:
     butterfly, ddpm_steps = (TINY_BUTTERFLY, 10) if quick else (BUTTERFLY, 1000)
     unet, vae, clip, pixels, sd_steps = (TINY_UNET, TINY_VAE, TINY_CLIP, 32, 2) if quick else (SD15_UNET, SD_VAE, CLIP_L, 256, 4)
+    turbo = (TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_SDXL_TEXT, TINY_SDXL_TEXT, 32) if quick else (
+        SDXL_UNET, SDXL_VAE, CLIP_L, CLIP_BIG_G, 512)
     size = butterfly["sample_size"]
     return [
         Case("pipeline", f"DDPMPipeline {ddpm_steps} steps (butterfly)", f"(1, 3, {size}, {size})",
@@ -219,6 +338,9 @@ def pipeline_cases(quick: bool, backends: tuple[str, ...]) -> list[Case]:
         Case("pipeline", f"StableDiffusionPipeline DDIM {sd_steps} steps", f"1 image {pixels}x{pixels}, CFG 7.5",
              lambda dtype: stable_diffusion_pair(unet, vae, clip, pixels, sd_steps, dtype), backends=backends,
              dtypes=("fp32",), tolerance=dict(PIPELINE_TOLERANCE), repeats=None if quick else 3),
+        Case("pipeline", "SDXL-Turbo StableDiffusionXLPipeline 1 step", f"1 image {turbo[-1]}x{turbo[-1]}, guidance 0",
+             lambda dtype: turbo_pair(*turbo, dtype), backends=backends, tolerance=dict(PIPELINE_TOLERANCE),
+             repeats=None if quick else 3),
     ]
 
 

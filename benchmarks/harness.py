@@ -15,8 +15,8 @@
   Weights and inputs are resident before the call, so this is activations plus workspaces (Linux only, else None).
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` during one extra diffusers call per case (matmul, conv and
   attention FLOPs; elementwise ops are not counted). CPU SDPA kernels get the formula torch uses for its GPU ones.
-- Machine peak: the best GFLOP/s of an n x n matmul in each dtype, measured at the start of the same run; a row's
-  "% peak" is minidiff's GFLOP/s over that number.
+- Machine peak: the best GFLOP/s of an n x n matmul in each dtype, measured at the start of the same run (at n = 256
+  for a dtype whose n = 2048 product would take over 2 s); a row's "% peak" is minidiff's GFLOP/s over that number.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import platform
 import statistics
 import sys
 import time
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = "+compile"  # suffix of the backend label of torch.compile'd rows
+PROBE_SIZE = 256  # the matmul size of --quick's machine peak, and the fallback size for a dtype with slow kernels
 
 
 @register_flop_formula([torch.ops.aten._scaled_dot_product_flash_attention_for_cpu])
@@ -98,6 +100,7 @@ class Machine:
 
     threads: int
     torch_version: str
+    cpu: str  # model name and vector ISA (cpu_name())
     matmul_gflops: dict[str, float] = field(default_factory=dict)  # dtype name -> measured peak
 
 
@@ -117,11 +120,31 @@ def interleaved_rounds(first: Callable, second: Callable, repeats: int) -> tuple
     return times
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """This machine's matmul throughput: best of ``repeats`` (n, n) @ (n, n) products, 2 n^3 FLOPs each."""
+def best_matmul_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Best of ``repeats`` (n, n) @ (n, n) products, 2 n^3 FLOPs each, after one untimed product."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     return 2 * n**3 / min(seconds(lambda: a @ b) for _ in range(repeats)) / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int, repeats: int = 10, budget_seconds: float = 2.0) -> float:
+    """This machine's matmul throughput at size ``n``, or at ``PROBE_SIZE`` when one product at ``n`` would take more
+    than ``budget_seconds``: a dtype without native kernels (bfloat16 on a CPU without AVX512-BF16/AMX) runs a
+    scalar fallback GEMM, minutes per 2048^3 product."""
+    probe = min(n, PROBE_SIZE)
+    gflops = best_matmul_gflops(dtype, probe, repeats)
+    if n > probe and 2 * n**3 / (gflops * 1e9) <= budget_seconds:
+        gflops = best_matmul_gflops(dtype, n, repeats)
+    return gflops
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo, else the platform's name) and the vector ISA torch's kernels use."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 # ---- memory and FLOPs ---------------------------------------------------------------------------------------------
@@ -229,8 +252,8 @@ def run(cases: list["Case"], dtypes: tuple[str, ...], settings: Settings, log: C
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        machine = Machine(settings.threads, torch.__version__)
-        size = 256 if settings.quick else 2048
+        machine = Machine(settings.threads, torch.__version__, cpu_name())
+        size = PROBE_SIZE if settings.quick else 2048
         machine.matmul_gflops = {dtype: matmul_peak_gflops(DTYPES[dtype], size) for dtype in dtypes}
         rows = []
         with torch.inference_mode():

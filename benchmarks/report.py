@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from math import log2
 from dataclasses import asdict
 
@@ -32,7 +31,7 @@ def _spread(row: Row) -> str:
 
 def machine_line(machine: Machine, settings: Settings) -> str:
     peaks = ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in machine.matmul_gflops.items())
-    return (f"{platform.processor() or platform.machine()}, torch {machine.torch_version}, {machine.threads} threads; "
+    return (f"{machine.cpu}, torch {machine.torch_version}, {machine.threads} threads; "
             f"measured matmul peak: {peaks}; warm-up {settings.warmup} + {settings.repeats} interleaved rounds "
             f"(one call per side each){' (quick)' if settings.quick else ''}")
 

@@ -92,3 +92,40 @@ def test_model_case_quick_through_the_seam():
     rows, _ = run(cases, ("fp32",), QUICK, log=lambda line: None)
     assert [(row.backend, row.status) for row in rows] == [("sdpa", "ok"), ("chunked", "ok")]
     assert all(row.max_rel <= 1e-5 for row in rows)
+
+
+def test_sdxl_unet_row_quick_matches_diffusers():
+    from benchmarks.cases import all_cases
+
+    cases = [case for case in all_cases(True, ("model",), attention=("sdpa",)) if case.what.startswith("SDXL UNet")]
+    rows, _ = run(cases, ("fp32", "bf16"), QUICK, log=lambda line: None)
+    assert [(row.dtype, row.backend, row.status) for row in rows] == [("fp32", "sdpa", "ok"), ("bf16", "sdpa", "ok")]
+    assert rows[0].max_rel <= 1e-5 and rows[1].max_rel <= 5e-2
+    assert rows[0].ratio > 0 and rows[0].minidiff_peak_mb is not None
+
+
+def test_full_size_twins_share_weight_storage():
+    """The full-size rows hold one copy of the weights: minidiff's tensors are diffusers' own (its channels-last conv
+    weights excepted), and the fill is seeded and scaled by fan-in."""
+    import torch
+
+    from benchmarks.cases import TINY_SDXL_UNET, meta_built_twins
+
+    reference, ours = meta_built_twins("UNet2DConditionModel", TINY_SDXL_UNET, torch.float32)
+    theirs = reference.state_dict()
+    shared = [key for key, tensor in ours.state_dict().items() if tensor.data_ptr() == theirs[key].data_ptr()]
+    assert set(theirs) - set(shared) == {key for key, tensor in theirs.items() if tensor.ndim == 4}
+    again, _ = meta_built_twins("UNet2DConditionModel", TINY_SDXL_UNET, torch.float32)
+    assert all(torch.equal(tensor, again.state_dict()[key]) for key, tensor in theirs.items())
+    weight = theirs["down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"]  # (64, 256): fan-in 256
+    assert abs(weight.std().item() - 256**-0.5) < 0.1 * 256**-0.5
+
+
+def test_turbo_row_quick_matches_diffusers():
+    from benchmarks.cases import all_cases
+
+    cases = [case for case in all_cases(True, ("pipeline",)) if case.what.startswith("SDXL-Turbo")]
+    rows, machine = run(cases, ("fp32",), QUICK, log=lambda line: None)
+    assert [(row.what, row.dtype, row.status) for row in rows] == [(cases[0].what, "fp32", "ok")]
+    assert rows[0].max_rel <= 1e-5 and rows[0].gflop > 0 and rows[0].ratio > 0
+    assert "SDXL-Turbo StableDiffusionXLPipeline 1 step" in cases[0].what and machine.cpu
