@@ -26,6 +26,13 @@ def _size_of(image: Any, name: str) -> tuple[int, int]:
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
     """Text-guided inpainting with 9-channel or 4-channel UNets."""
 
+    def inpaint_channels(self) -> int:
+        """The UNet's input channels: 9 (an inpainting UNet) or 4 (mask blending); others cannot inpaint."""
+        channels = self.unet.config.in_channels
+        if channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
+        return channels
+
     def prepare_mask(self, mask: torch.Tensor, masked_image: torch.Tensor, batch: int, generator, do_cfg: bool):
         """Mask resized to latent size (nearest) and masked-image latents, repeated to the (CFG) batch."""
         masked_latents = self.encode_image_latents(masked_image, masked_image.shape[0], generator)
@@ -107,9 +114,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         image_size, mask_size = _size_of(image, "image"), _size_of(mask_image, "mask_image")
         if image_size != mask_size:
             raise ValueError(f"image is {image_size} (h, w) but mask_image is {mask_size}; they must match")
-        channels = self.unet.config.in_channels
-        if channels not in (4, 9):
-            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
+        channels = self.inpaint_channels()
         height, width = self.default_size(height, width)
         device, do_cfg = self.device, guidance_scale > 1.0
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,

@@ -183,13 +183,18 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
                                                 negative_prompt, prompt_embeds, negative_prompt_embeds)
         return torch.cat([negative, positive]) if do_classifier_free_guidance else positive
 
+    @staticmethod
+    def text_lora_scale(cross_attention_kwargs: dict | None) -> float | None:
+        """The LoRA ``scale`` of ``cross_attention_kwargs``, which the text encoders take too (as in diffusers)."""
+        return cross_attention_kwargs.get("scale") if isinstance(cross_attention_kwargs, dict) else None
+
     def text_conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           num_images_per_prompt: int, guidance_scale: float, clip_skip: int | None,
                           cross_attention_kwargs: dict | None = None, prompt_weighting: str | None = None):
         """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive].
         The LoRA ``scale`` in ``cross_attention_kwargs`` applies to the text encoder too, as in diffusers."""
         do_cfg = guidance_scale > 1.0
-        lora_scale = cross_attention_kwargs.get("scale") if isinstance(cross_attention_kwargs, dict) else None
+        lora_scale = self.text_lora_scale(cross_attention_kwargs)
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
                                                 prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
                                                 prompt_weighting)

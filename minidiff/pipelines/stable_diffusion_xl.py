@@ -350,9 +350,6 @@ class StableDiffusionXLBase(StableDiffusionBase):
         latents = check_callback_result(result, latents, i)
         return latents, {name: result.get(name, value) for name, value in cond.items()}
 
-    def text_lora_scale(self, cross_attention_kwargs: dict | None) -> float | None:
-        return cross_attention_kwargs.get("scale") if isinstance(cross_attention_kwargs, dict) else None
-
     # ---- VAE ----------------------------------------------------------------------------------------------------
     def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The VAE config's per-channel (latents_mean, latents_std) as (1, C, 1, 1) tensors, or None if unset."""

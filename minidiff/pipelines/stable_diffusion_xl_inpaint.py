@@ -33,10 +33,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline, StableD
         if latents is not None and denoising_start is not None:
             raise ValueError("pass latents or denoising_start, not both: with denoising_start the image's latents are "
                              "the starting point")
-        channels = self.unet.config.in_channels
-        if channels not in (4, 9):
-            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, this one has {channels}")
-        return channels
+        return self.inpaint_channels()
 
     def _check_masked_image_latents(self, masked_image_latents, height: int, width: int) -> None:
         """Precomputed masked-image latents must be (B, latent_channels, height / f, width / f), f the VAE's factor."""
