@@ -112,7 +112,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     train = commands.add_parser("train", help="train or fine-tune a diffusion model", formatter_class=HelpFormatter,
                                 description="Train or fine-tune a UNet on an image folder (or the built-in shapes), "
-                                            "writing resumable checkpoints to --output-dir.")
+                                            "or teach a Stable Diffusion model a concept from a few images "
+                                            "(--method lora, dreambooth, textual-inversion; the built-in model by "
+                                            "default), writing resumable checkpoints to --output-dir.")
     add_arguments(train)
     return parser.parse_args(argv)
 

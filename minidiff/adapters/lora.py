@@ -359,6 +359,53 @@ def scaled_lora(module: nn.Module, scale: float | None) -> Iterator[None]:
             layer.call_scale = value
 
 
+# ---------------------------------------------------------------------------------------------------------- training
+
+def matching_modules(model: nn.Module, target_modules: tuple[str, ...] | list[str]) -> list[str]:
+    """Paths of the Linear/Conv2d modules peft's ``target_modules`` rule picks: the path equals a target or ends
+    with ``"." + target`` (``"to_q"`` matches every ``...attn1.to_q`` and ``...attn2.to_q``)."""
+    return [path for path, module in model.named_modules()
+            if isinstance(module, TARGET_TYPES) and not isinstance(module, LoRALayer)
+            and any(path == target or path.endswith("." + target) for target in target_modules)]
+
+
+def inject_trainable_lora(model: nn.Module, target_modules: tuple[str, ...] | list[str], rank: int,
+                          alpha: float | None = None, adapter_name: str = "default",
+                          generator: torch.Generator | None = None) -> list[str]:
+    """Add a fresh adapter of ``rank`` to every module ``target_modules`` picks and return their paths.
+
+    Initialised as peft's ``init_lora_weights="gaussian"`` (what diffusers' LoRA training scripts use): ``down``
+    (A) ~ N(0, (1/r)^2), ``up`` (B) = 0, so the adapted model starts equal to the base (Hu et al. 2021, Sec. 4.1).
+    The adapters' parameters require grad; freezing the base model is the caller's choice. Draws come from
+    ``generator`` (CPU) in module order, so a seed gives the same adapter anywhere."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+    paths = matching_modules(model, target_modules)
+    if not paths:
+        raise ValueError(f"no Linear/Conv2d module of {type(model).__name__} matches target_modules "
+                         f"{list(target_modules)}; e.g. to_q, to_k, to_v, to_out.0 (UNet), q_proj, k_proj, v_proj, "
+                         "out_proj (CLIP)")
+    weights = {}
+    for path in paths:
+        base = model.get_submodule(path)
+        down_shape = (rank, base.in_features) if isinstance(base, nn.Linear) else (
+            rank, base.in_channels, *base.kernel_size)
+        up_shape = (base.out_features, rank) if isinstance(base, nn.Linear) else (base.out_channels, rank, 1, 1)
+        down = torch.randn(down_shape, generator=generator) / rank
+        weights[path] = LoRAWeights(down.to(base.weight.dtype), torch.zeros(up_shape, dtype=base.weight.dtype), alpha)
+    check_lora_adapter(model, adapter_name, weights, f"inject_trainable_lora({list(target_modules)})")
+    attach_lora_adapter(model, adapter_name, weights)
+    for parameter in lora_parameters(model, adapter_name).values():
+        parameter.requires_grad_(True)
+    return paths
+
+
+def lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The ``down``/``up`` weights of one adapter, by their ``named_parameters`` names (what training updates)."""
+    marker = f".adapters.{adapter_name}."
+    return {name: parameter for name, parameter in model.named_parameters() if marker in name}
+
+
 # ---------------------------------------------------------------------------------------------------------- export
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -386,7 +386,7 @@ def write_lora_file(save_directory, weight_name: str | None, layers: dict[str, d
         for key, tensor in state.items():
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{component} LoRA layer {key!r} must be a tensor, got {type(tensor).__name__}")
-            tensors[_file_key(component, key)] = tensor.detach().to("cpu").contiguous().clone()
+            tensors[file_key(component, key)] = tensor.detach().to("cpu").contiguous().clone()
     if not tensors:
         raise ValueError("no LoRA layers to save: pass unet_lora_layers and/or text_encoder_lora_layers "
                          "(SDXL: text_encoder_2_lora_layers)")
@@ -407,7 +407,7 @@ def write_lora_file(save_directory, weight_name: str | None, layers: dict[str, d
     return path
 
 
-def _file_key(component: str, key: str) -> str:
+def file_key(component: str, key: str) -> str:
     if component == "text_encoder" and not key.startswith(TEXT_MODEL_PREFIX):
         key = TEXT_MODEL_PREFIX + key
     return f"{component}.{key}"

@@ -1,10 +1,10 @@
-"""Training and fine-tuning: pixel-space UNet2DModel (unconditional or class-conditional, new or pretrained) and
-text-conditioned Stable Diffusion UNets in latent space. ``minidiff train --help`` lists the options."""
+"""Training and fine-tuning: pixel-space UNet2DModel (unconditional or class-conditional, new or pretrained),
+text-conditioned Stable Diffusion UNets in latent space, and personalisation (LoRA, DreamBooth, textual inversion).
+``minidiff train --help`` lists the options."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from minidiff.training.config import TrainConfig, add_arguments, config_from_args
@@ -20,11 +20,8 @@ def main(args: argparse.Namespace) -> int:
     """``minidiff train``: bad options, data or folders, or a failed write (a full disk, ...) end with a one-line
     error and exit status 2."""
     try:
-        config = config_from_args(args)
-        losses = train(config)
+        train(config_from_args(args), announce=lambda line: print(line, flush=True))
     except (ValueError, TypeError, OSError) as error:  # OSError includes FileNotFoundError
         print(f"minidiff: error: {error}", file=sys.stderr)
         return 2
-    if losses and int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {config.output_dir}")
     return 0

@@ -1,6 +1,7 @@
 """TrainConfig: every option of ``minidiff train``, one dataclass field each (names follow diffusers' training
-scripts, ``train_unconditional.py`` and ``train_text_to_image.py``). The command-line flags are generated from the
-fields (``learning_rate`` -> ``--learning-rate``), so the CLI and the Python API cannot drift apart.
+scripts: ``train_unconditional.py``, ``train_text_to_image.py``, ``train_text_to_image_lora.py``,
+``train_dreambooth.py``, ``train_dreambooth_lora.py``, ``textual_inversion.py``). The command-line flags are generated
+from the fields (``learning_rate`` -> ``--learning-rate``), so the CLI and the Python API cannot drift apart.
 """
 
 from __future__ import annotations
@@ -19,16 +20,25 @@ NOISE_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "P
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16")
+METHODS = ("full", "lora", "dreambooth", "textual-inversion")
+ADAPTER_METHODS = ("lora", "textual-inversion")  # and dreambooth with use_lora: only small added weights train
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # train_text_to_image_lora.py's target_modules
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # train_dreambooth_lora.py's text encoder targets
 # The float options and the interval each must lie in ("inf": unbounded).
 NUMBER_RANGES = {"learning_rate": "(0, inf)", "caption_dropout": "[0, 1]", "adam_beta1": "[0, 1)",
                  "adam_beta2": "[0, 1)", "adam_weight_decay": "[0, inf)", "adam_epsilon": "[0, inf)",
-                 "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)"}
-PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume")  # str or os.PathLike (kept as str)
-BOOL_OPTIONS = ("random_flip", "class_conditional", "use_ema", "overwrite", "progress")
+                 "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)", "prior_loss_weight": "[0, inf)"}
+PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume", "class_data_dir")  # str or os.PathLike (kept as str)
+BOOL_OPTIONS = ("random_flip", "class_conditional", "use_ema", "overwrite", "progress", "upscale_small_images",
+                "train_text_encoder", "use_lora", "with_prior_preservation", "gradient_checkpointing")
+# Options added with the personalisation methods: a checkpoint written before them was trained with their defaults.
+LATER_OPTIONS = ("method", "instance_prompt", "upscale_small_images", "lora_rank", "lora_alpha", "lora_target_modules",
+                 "train_text_encoder", "use_lora", "with_prior_preservation", "class_prompt", "class_data_dir",
+                 "num_class_images", "prior_loss_weight", "placeholder_token", "initializer_token", "num_vectors")
 # Options a resumed run may change; every other option must equal the checkpoint's.
 RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite", "progress", "max_train_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "num_sample_images", "sample_steps", "train_batch_size",
-                     "gradient_accumulation_steps")
+                     "gradient_accumulation_steps", "validation_prompt", "gradient_checkpointing")
 
 
 def option(default: Any, help: str, **argparse_kwargs: Any):
@@ -37,22 +47,59 @@ def option(default: Any, help: str, **argparse_kwargs: Any):
 
 @dataclass
 class TrainConfig:
-    output_dir: str = option(None, "run folder: checkpoints/, loss.png, samples.png and the final pipeline folder")
+    output_dir: str = option(None, "run folder: checkpoints/, loss.png, samples.png and the final pipeline folder "
+                                   "(or LoRA / embedding file)")
+    method: str = option("full", "full: train every UNet weight; lora: LoRA adapters on captioned images; "
+                                 "dreambooth: a subject under instance_prompt (whole UNet, or LoRA with --use-lora), "
+                                 "optionally with prior preservation; textual-inversion: a new token's embedding",
+                         choices=METHODS)
     # ---- data
     train_data_dir: str | None = option(None, "image folder (subfolders = classes; captions from metadata.jsonl or "
-                                              "a .txt beside each image); default: the built-in synthetic shapes")
+                                              "a .txt beside each image, else --prompt); default: the built-in "
+                                              "synthetic shapes", aliases=("--images",))
+    instance_prompt: str | None = option(None, "caption of every image without its own caption file (dreambooth: "
+                                               "'a photo of sks dog'; textual-inversion: must name "
+                                               "--placeholder-token)", aliases=("--prompt",))
+    validation_prompt: str | None = option(None, "prompt of the per-checkpoint sample grid (default: the data's "
+                                                 "captions)")
+    upscale_small_images: bool = option(False, "resize images smaller than --resolution up to it (else they are an "
+                                               "error)")
     synthetic_images: int = option(1024, "size of the built-in synthetic dataset (without --train-data-dir)")
     resolution: int | None = option(None, "image size (default: the pretrained UNet's, else 32); images are resized "
                                           "(shorter side), centre-cropped and converted to RGB")
     random_flip: bool = option(True, "flip images horizontally at random")
     # ---- model
     pretrained_model: str | None = option(None, "diffusers folder to fine-tune: a DDPM pipeline, a UNet folder, or "
-                                                "a Stable Diffusion pipeline (then captions condition the UNet)")
+                                                "a Stable Diffusion pipeline (then captions condition the UNet); "
+                                                "lora, dreambooth and textual-inversion default to the built-in "
+                                                "model")
     block_out_channels: tuple[int, ...] = option((32, 64, 64), "channels per UNet level of a new model", type="ints")
     layers_per_block: int = option(2, "resnets per UNet level of a new model")
     attention_levels: int = option(1, "the deepest N levels of a new UNet get self-attention")
     class_conditional: bool = option(False, "condition on the class (subfolder name / synthetic shape)")
     caption_dropout: float = option(0.0, "text fine-tuning: probability of an empty caption (classifier-free guidance)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30%% "
+                                                 "more time, the same gradients")
+    # ---- LoRA (method lora, or dreambooth with --use-lora)
+    lora_rank: int = option(4, "rank r of each LoRA adapter")
+    lora_alpha: float | None = option(None, "LoRA alpha: the update is scaled by alpha / r (default: alpha = r)")
+    lora_target_modules: tuple[str, ...] = option(UNET_LORA_TARGETS, "UNet modules that get adapters (a module "
+                                                  "matches if its path is or ends with .<name>)", type="strs")
+    train_text_encoder: bool = option(False, "LoRA adapters on the text encoder's " + ", ".join(TEXT_LORA_TARGETS) +
+                                      " too")
+    use_lora: bool = option(False, "dreambooth: train LoRA adapters instead of the whole UNet")
+    # ---- DreamBooth prior preservation (Ruiz et al. 2023, Eq. 2)
+    with_prior_preservation: bool = option(False, "dreambooth: also fit images the frozen model draws for "
+                                                  "--class-prompt, so the class keeps its meaning")
+    class_prompt: str | None = option(None, "prompt of the class images, e.g. 'a photo of a dog'")
+    class_data_dir: str | None = option(None, "folder of class images; missing ones are generated before training "
+                                              "(default: <output-dir>/class_images)")
+    num_class_images: int = option(100, "class images to use (generated if the folder holds fewer)")
+    prior_loss_weight: float = option(1.0, "weight of the class images' loss")
+    # ---- textual inversion (Gal et al. 2022)
+    placeholder_token: str | None = option(None, "the new token, e.g. '<cat-toy>'")
+    initializer_token: str | None = option(None, "a one-token word whose embedding starts the new token's, e.g. toy")
+    num_vectors: int = option(1, "vectors of the new token (tokens <t>, <t>_1, ...)")
     # ---- diffusion
     noise_scheduler: str = option("ddpm", "scheduler whose add_noise makes x_t", choices=tuple(NOISE_SCHEDULERS))
     beta_schedule: str | None = option(None, "noise schedule (default: the pretrained one, else squaredcos_cap_v2)")
@@ -71,7 +118,8 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
-    use_ema: bool = option(True, "keep an exponential moving average of the weights (used for samples and export)")
+    use_ema: bool | None = option(None, "keep an exponential moving average of the weights (used for samples and "
+                                        "export); default: on for full training, off for adapters")
     ema_max_decay: float = option(0.9999, "EMA decay ceiling")
     ema_power: float = option(0.75, "EMA warm-up power: decay = 1 - (1 + step)^-power")
     mixed_precision: str = option("no", "bf16: run the UNet forward under bf16 autocast", choices=MIXED_PRECISION)
@@ -91,9 +139,20 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        if self.use_ema is None:
+            self.use_ema = not self.trains_adapters
         for name in PATH_OPTIONS:  # a pathlib.Path is stored as str, so the config stays JSON (state.json)
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+
+    @property
+    def trains_adapters(self) -> bool:
+        """Only small added weights train (LoRA adapters, a token's embedding); the base model stays frozen."""
+        return self.method in ADAPTER_METHODS or (self.method == "dreambooth" and self.use_lora)
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.method == "lora" or (self.method == "dreambooth" and self.use_lora)
 
     @property
     def trajectory_options(self) -> dict[str, Any]:
@@ -111,7 +170,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise ValueError(f"{name} must be a path (str or os.PathLike), got {getattr(self, name)!r}")
         for name in ("synthetic_images", "layers_per_block", "train_batch_size", "gradient_accumulation_steps",
-                     "max_train_steps", "checkpointing_steps", "sample_steps"):
+                     "max_train_steps", "checkpointing_steps", "sample_steps", "lora_rank", "num_class_images",
+                     "num_vectors"):
             _check_at_least(name, getattr(self, name), 1)
         for name in ("lr_warmup_steps", "num_sample_images", "attention_levels", "seed"):
             _check_at_least(name, getattr(self, name), 0)
@@ -144,9 +204,49 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.prediction_type is not None:
             check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("method", self.method, METHODS)
+        self._check_method_options()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue a run or start it over, not both")
         return self
+
+    def _check_method_options(self) -> None:
+        """The options each method needs, and those that belong to another method."""
+        method = self.method
+        if self.lora_alpha is not None:
+            _check_in("lora_alpha", self.lora_alpha, "(0, inf)", " (or None for alpha = rank)")
+        targets = self.lora_target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise ValueError(f"lora_target_modules must be a non-empty sequence of module names (e.g. "
+                             f"{','.join(UNET_LORA_TARGETS)}), got {targets!r}")
+        for name in ("instance_prompt", "validation_prompt", "class_prompt", "placeholder_token", "initializer_token"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if self.use_ema and self.trains_adapters:
+            raise ValueError(f"use_ema keeps an average of the whole UNet; method {method!r}"
+                             f"{' with use_lora' if method == 'dreambooth' else ''} trains only added weights: "
+                             "leave use_ema off (--no-use-ema)")
+        misplaced = [(self.use_lora, "use_lora", "dreambooth"),
+                     (self.with_prior_preservation, "with_prior_preservation", "dreambooth"),
+                     (self.placeholder_token is not None, "placeholder_token", "textual-inversion"),
+                     (self.initializer_token is not None, "initializer_token", "textual-inversion"),
+                     (self.train_text_encoder and not self.trains_lora, "train_text_encoder",
+                      "lora (or dreambooth with use_lora)")]
+        for given, name, owner in misplaced:
+            if given and not (method == owner or (owner.startswith("lora") and self.trains_lora)):
+                raise ValueError(f"{name} applies to method {owner}, not {method!r}")
+        if self.with_prior_preservation and self.class_prompt is None:
+            raise ValueError("with_prior_preservation needs class_prompt: the prompt the frozen model draws the "
+                             "class images from, e.g. 'a photo of a dog'")
+        if method == "textual-inversion":
+            missing = [name for name in ("placeholder_token", "initializer_token") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"textual-inversion needs {' and '.join(missing)}, e.g. --placeholder-token "
+                                 "'<cat-toy>' --initializer-token toy")
+        if self.trains_adapters and self.class_conditional:
+            raise ValueError(f"method {method!r} fine-tunes a Stable Diffusion pipeline; class_conditional "
+                             "applies to pixel-space training")
 
 
 def _is_int(value: Any) -> bool:
@@ -169,6 +269,10 @@ def _check_in(name: str, value: Any, interval: str, note: str = "") -> None:
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -188,15 +292,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per TrainConfig field, typed from the field's default and annotation."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = {k: v for k, v in f.metadata.items() if k != "type"}
-        if f.metadata.get("type") == "ints":
-            kwargs["type"] = _ints
-        elif isinstance(f.default, bool):
+        kwargs = {k: v for k, v in f.metadata.items() if k not in ("type", "aliases")}
+        if f.metadata.get("type") in ("ints", "strs"):
+            kwargs["type"] = _ints if f.metadata["type"] == "ints" else _strs
+        elif f.type.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "nargs" not in kwargs:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             kwargs["type"] = _optional(kind) if "None" in f.type else kind
-        parser.add_argument(flag, default=f.default, required=f.name == "output_dir", **kwargs)
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, default=f.default,
+                            required=f.name == "output_dir", **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

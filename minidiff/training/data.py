@@ -53,8 +53,16 @@ def micro_batch_positions(micro_batch_size: int, accumulation_steps: int, rank: 
 
 def load_batch(dataset, indices: Sequence[int], generators: list[torch.Generator], random_flip: bool) -> dict:
     """Stack examples into ``pixel_values`` (B, C, H, W), ``class_labels`` (B,) and ``captions``; a horizontal flip
-    with probability 1/2 per image (each decided by that sample's generator, drawn first)."""
+    with probability 1/2 per image (each decided by that sample's generator, drawn first). Examples paired with a
+    class example (:class:`PriorPreservationDataset`) give ``class_batch``, the same for those (flips drawn next)."""
     examples = [dataset[i] for i in indices]
+    batch = _stack(examples, generators, random_flip)
+    if "class_example" in examples[0]:
+        batch["class_batch"] = _stack([e["class_example"] for e in examples], generators, random_flip)
+    return batch
+
+
+def _stack(examples: list[dict], generators: list[torch.Generator], random_flip: bool) -> dict:
     pixels = []
     for example, generator in zip(examples, generators):
         image = example["pixel_values"]
@@ -88,11 +96,14 @@ class ImageFolderDataset:
 
     ``with_labels``: the class is the first-level subfolder (``root/<class>/.../img.png``), classes sorted by name.
     ``with_captions``: from ``root/metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``, the Hugging Face
-    imagefolder convention) or else a ``.txt`` file beside each image with the same stem.
+    imagefolder convention) or else a ``.txt`` file beside each image with the same stem, or else
+    ``default_caption`` (DreamBooth's instance prompt).
+    An image smaller than ``resolution`` on its shorter side is an error unless ``upscale_small`` (then it is
+    resized up like any other): upscaling a 64px photo to 512 is rarely what one wants to train on.
     """
 
     def __init__(self, root: str, resolution: int, channels: int = 3, with_labels: bool = False,
-                 with_captions: bool = False):
+                 with_captions: bool = False, default_caption: str | None = None, upscale_small: bool = True):
         if not os.path.exists(root):
             raise FileNotFoundError(f"train_data_dir {root} does not exist")
         if not os.path.isdir(root):
@@ -105,9 +116,13 @@ class ImageFolderDataset:
         if not self.files:
             raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)")
         for relative in self.files:
-            self._open(relative).close()  # reads only the header: fails fast on a non-image
+            with self._open(relative) as image:  # reads only the header: fails fast on a non-image
+                if not upscale_small and min(image.size) < resolution:
+                    raise ValueError(f"image {os.path.join(root, relative)} is {image.width}x{image.height}, smaller "
+                                     f"than the training resolution {resolution}: use larger images, a smaller "
+                                     "--resolution, or --upscale-small-images to resize it up")
         self.classes = self._find_classes() if with_labels else []
-        self.captions = self._find_captions() if with_captions else {}
+        self.captions = self._find_captions(default_caption) if with_captions else {}
 
     def _open(self, relative: str) -> PIL.Image.Image:
         path = os.path.join(self.root, relative)
@@ -123,7 +138,7 @@ class ImageFolderDataset:
                              f"{len(loose)} image(s) lie directly in it, e.g. {loose[0]}")
         return sorted({f.split(os.sep)[0] for f in self.files})
 
-    def _find_captions(self) -> dict[str, str]:
+    def _find_captions(self, default_caption: str | None) -> dict[str, str]:
         metadata = os.path.join(self.root, "metadata.jsonl")
         captions = {}
         if os.path.isfile(metadata):
@@ -142,9 +157,12 @@ class ImageFolderDataset:
                 with open(sidecar, encoding="utf-8") as handle:
                     captions[relative] = handle.read().strip()
         missing = [f for f in self.files if f not in captions]
-        if missing:
+        if default_caption is not None:
+            captions.update(dict.fromkeys(missing, default_caption))
+        elif missing:
             raise ValueError(f"{len(missing)} image(s) in {self.root} have no caption (e.g. {missing[0]}); add them "
-                             "to metadata.jsonl or write a .txt file beside each image")
+                             "to metadata.jsonl, write a .txt file beside each image, or give one caption for all "
+                             "with --prompt (instance_prompt)")
         return captions
 
     @property
@@ -163,6 +181,22 @@ class ImageFolderDataset:
             raise ValueError(f"cannot decode image file {os.path.join(self.root, relative)}: {error}") from None
         label = self.classes.index(relative.split(os.sep)[0]) if self.classes else 0
         return {"pixel_values": pixels, "class_label": label, "caption": self.captions.get(relative, "")}
+
+
+class PriorPreservationDataset:
+    """DreamBooth's pairing (``train_dreambooth.py``): example ``i`` is instance image ``i mod n`` carrying class
+    image ``i mod m`` as ``class_example``; ``max(n, m)`` examples, so every image of the larger set is seen per
+    epoch."""
+
+    def __init__(self, instances, classes):
+        self.instances, self.classes = instances, classes
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.instances[index % len(self.instances)],
+                "class_example": self.classes[index % len(self.classes)]}
 
 
 # ---- the built-in synthetic dataset -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training loop: ``train(config)`` runs ``training_step`` over seeded batches with AdamW, warm-up and a
 learning-rate schedule, gradient accumulation and clipping, EMA weights, bf16 autocast, checkpoints and resume,
-on one process or data-parallel under torchrun.
+on one process or data-parallel under torchrun. What trains (the whole UNet, LoRA adapters, a token's embedding)
+is the method's choice (``methods.py``); the loop is the same for all.
 """
 
 from __future__ import annotations
@@ -10,25 +11,29 @@ import math
 import os
 import shutil
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minidiff.training import checkpoint, plots, train_log
-from minidiff.training.config import RESUMABLE_CHANGES, TrainConfig
+from minidiff.training.config import LATER_OPTIONS, RESUMABLE_CHANGES, TrainConfig
 from minidiff.training.data import global_batch_indices, load_batch, micro_batch_positions, sample_generators
 from minidiff.training.distributed import Distributed, init_distributed, shutdown_distributed
 from minidiff.training.ema import EMAModel
+from minidiff.training.methods import build_method, fingerprint, prepare_class_images, with_class_images
 from minidiff.training.tasks import build_task
 
 # what a run writes into output_dir (what --overwrite deletes); anything else there is left alone
 RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "loss.png", "samples.png", "model_index.json", "unet", "scheduler",
-               "vae", "text_encoder", "tokenizer")
+               "vae", "text_encoder", "tokenizer", "class_images", "pytorch_lora_weights.safetensors",
+               "learned_embeds.safetensors")
 
 
 def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
-                  conditioning: dict | None = None, loss_scale: float = 1.0, autocast_dtype=None) -> torch.Tensor:
+                  conditioning: dict | None = None, loss_scale: float = 1.0, autocast_dtype=None,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One gradient computation of DDPM training (Ho et al. 2020, Algorithm 1) on clean samples ``x0`` (B, C, H, W).
 
     Per sample (each from its own generator): ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)``; then
@@ -36,6 +41,8 @@ def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Gen
     ``eps`` - the "simple" loss ``|| eps - eps_theta(x_t, t) ||^2`` (DDPM Eq. 14) - or the velocity
     ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (``scheduler.get_velocity``; Salimans & Ho 2022, Sec. 4).
     The mean squared error times ``loss_scale`` (1 / accumulation steps) is back-propagated; returns the loss.
+    ``sample_weights`` (B,): the loss is instead ``sum_i w_i * mse_i`` over the samples' own mean squared errors
+    (DreamBooth's prior preservation: instance and class halves weighted separately).
     """
     timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in generators]).to(x0.device)  # (B,)
@@ -44,7 +51,11 @@ def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Gen
     with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         prediction = model(noisy, timesteps, **(conditioning or {})).sample
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
-    loss = F.mse_loss(prediction.float(), target.float())
+    if sample_weights is None:
+        loss = F.mse_loss(prediction.float(), target.float())
+    else:
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        loss = (sample_weights * per_sample).sum()
     (loss * loss_scale).backward()
     return loss.detach()
 
@@ -77,16 +88,23 @@ class Trainer:
         self.task, self.dataset = build_task(config, dist.device, dataset)
         self.global_batch = config.train_batch_size * config.gradient_accumulation_steps * dist.world_size
         global_batch_indices(len(self.dataset), self.global_batch, 0, config.seed)  # fails early if too large
+        self.method = build_method(config, self.task)
         self.unet = self.task.unet
-        self.model = dist.wrap(self.unet)
-        self.optimizer = make_optimizer(self.unet.parameters(), config)
+        self.base_model = {"folder": self.task.base_model, "fingerprint": fingerprint(self.task.base_model)}
+        if config.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        self.model = dist.wrap(self.task.denoiser)  # DDP all-reduces only the parameters that require grad
+        self.trainable = self.method.trainable()
+        self.optimizer = make_optimizer(self.trainable.values(), config)
         self.ema = EMAModel(self.unet, config.ema_max_decay, config.ema_power) if config.use_ema else None
-        self.step, self.losses, self.log_plan = 0, [], None
+        self.step, self.losses, self.log_plan, self.output_path = 0, [], None, None
         if self.resume_from:
             self._resume(self.resume_from)
         self.dist.barrier()  # every process has read the output folder before rank 0 changes it
         if dist.is_main:
             self._start_output_dir()
+        if config.with_prior_preservation:
+            self._add_class_images()
 
     # ---- the output folder ------------------------------------------------------------------------------------
     def _check_output_dir(self) -> str | None:
@@ -101,6 +119,23 @@ class Trainer:
             raise ValueError(f"output_dir {folder} is not empty (it holds {', '.join(entries[:5])}); pass --resume to "
                              "continue the run in it or --overwrite to start over")
         return None
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """On the UNet, and on the text encoder when the method trains part of it."""
+        self.unet.enable_gradient_checkpointing()
+        text_encoder = getattr(self.task.pipe, "text_encoder", None)
+        if text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters()):
+            text_encoder.enable_gradient_checkpointing()
+
+    def _add_class_images(self) -> None:
+        """DreamBooth: rank 0 draws the missing class images with the still-untrained model; all then pair them."""
+        if self.dist.is_main:
+            self.unet.eval()
+            with torch.no_grad():
+                prepare_class_images(self.config, self.task.pipe, self.task.resolution)
+            self.unet.train()
+        self.dist.barrier()
+        self.dataset = with_class_images(self.config, self.dataset, self.task.resolution)
 
     def _start_output_dir(self) -> None:
         folder = self.config.output_dir
@@ -122,6 +157,11 @@ class Trainer:
         """Check the checkpoint against this run (options, global batch, the log), then restore everything."""
         state = checkpoint.read_state(path)  # checked by find_checkpoint (check_trainer_state) already
         problems = option_differences(self.config.trajectory_options, state["config"])
+        saved_base = state.get("base_model")
+        if saved_base and saved_base.get("fingerprint") != self.base_model["fingerprint"]:
+            problems.append(f"base model {self.base_model['folder']} (fingerprint {self.base_model['fingerprint']}; "
+                            f"the checkpoint was trained from {saved_base.get('folder')}, fingerprint "
+                            f"{saved_base.get('fingerprint')}): its weights differ")
         if state["global_batch_size"] != self.global_batch:
             problems.append(f"global batch {self.global_batch} (checkpoint: {state['global_batch_size']}) = "
                             "train_batch_size x gradient_accumulation_steps x processes")
@@ -131,9 +171,8 @@ class Trainer:
                              "give the others as the checkpoint has them, or start a new run")
         self.log_plan = train_log.plan_resume(os.path.join(self.config.output_dir, train_log.LOG_NAME),
                                               state["losses"], self.config.max_train_steps)
-        names = [name for name, _ in self.unet.named_parameters()]
-        state = checkpoint.load_training_state(path, self.optimizer, names)
-        checkpoint.load_model_weights(self.unet, os.path.join(path, "unet"))
+        state = checkpoint.load_training_state(path, self.optimizer, list(self.trainable))
+        self.method.load(path)
         if self.ema is not None:
             checkpoint.load_model_weights(self.ema.model, os.path.join(path, "unet_ema"))
             self.ema.num_updates = state["ema_updates"]
@@ -154,14 +193,16 @@ class Trainer:
                                               micro)
             generators = sample_generators(config.seed, self.step, positions)
             batch = load_batch(self.dataset, [indices[p] for p in positions], generators, config.random_flip)
-            x0, conditioning = self.task.encode(batch, generators)
+            encoded = self.task.encode(batch, generators)
             with dist.no_sync(self.model, skip=micro < config.gradient_accumulation_steps - 1):
-                total += training_step(self.model, scheduler, x0, generators, scheduler.config.prediction_type,
-                                       conditioning, 1 / config.gradient_accumulation_steps, autocast).cpu()
+                total += training_step(self.model, scheduler, encoded.x0, encoded.generators,
+                                       scheduler.config.prediction_type, encoded.conditioning,
+                                       1 / config.gradient_accumulation_steps, autocast, encoded.sample_weights).cpu()
         if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable.values(), config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step()
         if self.ema is not None:
             self.ema.update(self.unet)
         return dist.mean(total / config.gradient_accumulation_steps)
@@ -191,9 +232,10 @@ class Trainer:
         return self.losses
 
     def export(self) -> None:
-        """The trained pipeline (EMA weights if kept) into ``output_dir``; a failed write says how to redo it."""
+        """The trained pipeline (EMA weights if kept), or the method's adapter file, into ``output_dir``; a failed
+        write says how to redo it. ``output_path`` is what was written."""
         try:
-            self.task.save(self.config.output_dir, self.sampling_unet)
+            self.output_path = self.method.save(self.config.output_dir, self.sampling_unet, final=True)
         except OSError as error:
             reason, fix = checkpoint.write_error(error)
             raise OSError(error.errno, f"{reason} while exporting the trained model to {self.config.output_dir}; "
@@ -218,7 +260,7 @@ class Trainer:
         return path
 
     def _write_models(self, folder: str) -> None:
-        self.task.save(folder, self.unet, complete=False)
+        self.method.save(folder, self.unet, final=False)
         if self.ema is not None:
             self.ema.model.save_pretrained(os.path.join(folder, "unet_ema"))
         plots.save_png(plots.loss_curve(self.losses), os.path.join(folder, "loss.png"))
@@ -231,6 +273,7 @@ class Trainer:
     def _state(self) -> dict:
         return {"losses": self.losses, "ema_updates": self.ema.num_updates if self.ema else 0,
                 "global_batch_size": self.global_batch, "config": self.config.trajectory_options,
+                "base_model": self.base_model,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -248,7 +291,10 @@ def _replace_with_copy(source: str, target: str) -> None:
 
 
 def option_differences(given: dict, saved: dict) -> list[str]:
-    """``"name=given (checkpoint: saved)"`` for each option whose value differs from the checkpoint's."""
+    """``"name=given (checkpoint: saved)"`` for each option whose value differs from the checkpoint's. A
+    checkpoint older than the personalisation options (``LATER_OPTIONS``) was trained with their defaults."""
+    defaults = TrainConfig(output_dir="-").trajectory_options
+    saved = {**{k: defaults[k] for k in LATER_OPTIONS if k in defaults and k not in saved}, **saved}
     return [f"{name}={value!r} (checkpoint: {saved[name]!r})" if name in saved else
             f"{name}={value!r} (checkpoint: not recorded)"
             for name, value in given.items() if name not in saved or saved[name] != value]
@@ -277,12 +323,20 @@ def check_trainer_state(state: dict, checkpoint_dir: str) -> None:
         bad(f"'global_batch_size' must be >= 1, got {state['global_batch_size']}")
 
 
-def train(config: TrainConfig, dataset=None) -> list[float]:
+def train(config: TrainConfig, dataset=None, announce: Callable[[str], None] | None = None) -> list[float]:
     """Train as ``config`` says (alone, or as one process of a torchrun job); returns the per-step losses.
     ``dataset``: your own examples instead of ``train_data_dir`` (see ``tasks.build_task``); pass the same one
-    again to resume."""
+    again to resume. ``announce`` (rank 0 only) gets a line saying what trains, and at the end one naming the
+    output."""
     dist = init_distributed()
+    say = announce if announce is not None and dist.is_main else (lambda line: None)
     try:
-        return Trainer(config, dist, dataset).run()
+        trainer = Trainer(config, dist, dataset)
+        say(trainer.method.summary())
+        losses = trainer.run()
+        if losses:
+            say(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+                f"{trainer.method.describe_output(trainer.output_path)}")
+        return losses
     finally:
         shutdown_distributed()

@@ -3,21 +3,30 @@
 - ``PixelDiffusion``: x0 is the image itself (DDPM, Ho et al. 2020; the butterflies tutorial), unconditional or
   class-conditional; a new UNet2DModel or a pretrained one (the face-to-butterfly fine-tuning recipe).
 - ``LatentTextDiffusion``: Stable Diffusion fine-tuning (Rombach et al. 2022): x0 are VAE latents of the image, the
-  UNet2DConditionModel sees CLIP embeddings of the caption; the VAE and the text encoder stay frozen.
+  UNet2DConditionModel sees CLIP embeddings of the caption; the VAE stays frozen, the text encoder too unless the
+  method trains part of it (LoRA on it, a textual-inversion token). With DreamBooth's prior preservation each batch
+  also holds as many class images, weighted by ``prior_loss_weight`` (Ruiz et al. 2023, Eq. 2).
+
+``task.encode(batch, generators)`` gives :class:`Encoded`: what ``loop.training_step`` needs for one micro-batch.
+``task.denoiser`` is the module the loop calls (and DDP wraps): ``denoiser(x_t, t, **conditioning).sample``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 import minidiff
 from minidiff.pipelines.images import postprocess
 from minidiff.random import randn_tensor
+from minidiff.outputs import BaseOutput
 from minidiff.training.config import NOISE_SCHEDULERS, TrainConfig
 from minidiff.training.data import ImageFolderDataset, SyntheticShapes
 
@@ -27,16 +36,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (postprocess(images, "np") * 255).round().astype(np.uint8)
 
 
+class Encoded(NamedTuple):
+    """One micro-batch ready for ``training_step``: clean samples, the model's conditioning, one generator per
+    row of ``x0`` (timestep and noise draws) and optional per-row loss weights (None: the plain mean)."""
+
+    x0: torch.Tensor  # (B, C, H, W)
+    conditioning: dict
+    generators: list[torch.Generator]
+    sample_weights: torch.Tensor | None = None  # (B,), summing to the loss's total weight
+
+
 class PixelDiffusion:
-    def __init__(self, unet, scheduler, resolution: int, num_classes: int | None):
+    def __init__(self, unet, scheduler, resolution: int, num_classes: int | None, base_model: str | None = None):
         self.unet, self.scheduler, self.resolution, self.num_classes = unet, scheduler, resolution, num_classes
         self.channels = unet.config.in_channels
+        self.denoiser, self.pipe, self.base_model = unet, None, base_model
 
-    def encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
+    def encode(self, batch: dict, generators: list[torch.Generator]) -> Encoded:
         x0 = batch["pixel_values"].to(self.unet.device)  # (B, C, H, W) in [-1, 1]
         if self.num_classes is None:
-            return x0, {}
-        return x0, {"class_labels": batch["class_labels"].to(self.unet.device)}
+            return Encoded(x0, {}, generators)
+        return Encoded(x0, {"class_labels": batch["class_labels"].to(self.unet.device)}, generators)
 
     @torch.no_grad()
     def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
@@ -55,27 +75,61 @@ class PixelDiffusion:
         minidiff.DDPMPipeline(unet=unet, scheduler=self.scheduler).save_pretrained(folder)
 
 
+class TextConditionedUNet(nn.Module):
+    """The UNet on the text encoder's embeddings of token ids: what the loop calls, so that a trained text
+    encoder (LoRA, a new token) is part of the differentiated (and DDP-synchronised) model. A frozen text encoder
+    runs without a graph; the text encoder always runs in float32 (outside bf16 autocast), as a frozen one did."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor) -> BaseOutput:
+        trains_text = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.autocast(sample.device.type, enabled=False), contextlib.nullcontext() if trains_text \
+                else torch.no_grad():
+            text = self.text_encoder(input_ids)[0]  # (B, 77, D)
+        return self.unet(sample, timestep, encoder_hidden_states=text)
+
+
 class LatentTextDiffusion:
-    def __init__(self, pipe, resolution: int, caption_dropout: float, prompts: list[str]):
+    def __init__(self, pipe, resolution: int, caption_dropout: float, prompts: list[str], prior_loss_weight: float,
+                 base_model: str):
         self.pipe, self.resolution, self.caption_dropout, self.prompts = pipe, resolution, caption_dropout, prompts
         self.unet, self.scheduler, self.vae, self.channels = pipe.unet, pipe.scheduler, pipe.vae, 3
+        self.prior_loss_weight, self.base_model = prior_loss_weight, base_model
+        self.denoiser = TextConditionedUNet(pipe.unet, pipe.text_encoder)
         pipe.vae.requires_grad_(False).eval()
         pipe.text_encoder.requires_grad_(False).eval()
         pipe.set_progress_bar_config(disable=True)
 
+    def encode(self, batch: dict, generators: list[torch.Generator]) -> Encoded:
+        """Instance (and class) images and captions -> latents and token ids. With class images, ``x0`` is
+        [instance; class] and the rows' weights make the loss ``mse(instance) + prior_loss_weight * mse(class)``
+        (``train_dreambooth.py``); each sample's generator serves its class image too, after its own draws."""
+        x0, ids = self._encode(batch, generators)
+        if "class_batch" not in batch:
+            return Encoded(x0, {"input_ids": ids}, generators)
+        class_x0, class_ids = self._encode(batch["class_batch"], generators)
+        size = x0.shape[0]
+        weights = torch.cat([torch.full((size,), 1 / size), torch.full((size,), self.prior_loss_weight / size)])
+        return Encoded(torch.cat([x0, class_x0]), {"input_ids": torch.cat([ids, class_ids])}, generators * 2,
+                       weights.to(x0.device))
+
     @torch.no_grad()
-    def encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
-        """Captions dropped to "" with probability ``caption_dropout`` (one uniform draw per sample), CLIP-encoded;
-        images VAE-encoded and a latent drawn from q(z|x), times ``scaling_factor``."""
+    def _encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions dropped to "" with probability ``caption_dropout`` (one uniform draw per sample), textual-
+        inversion tokens written out as their vectors' tokens, tokenized; images VAE-encoded and a latent drawn
+        from q(z|x), times ``scaling_factor``."""
         captions = [c if torch.rand(1, generator=g).item() >= self.caption_dropout else ""
                     for c, g in zip(batch["captions"], generators)]
+        captions = self.pipe.maybe_convert_prompt(captions, self.pipe.tokenizer)
         device = self.unet.device
         ids = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")["input_ids"].to(device)
-        text = self.pipe.text_encoder(ids)[0]  # (B, 77, D)
+                                  truncation=True, return_tensors="pt")["input_ids"].to(device)  # (B, 77)
         latents = self.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generators)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor, {"encoder_hidden_states": text}
+        return (latents - shift) * self.vae.config.scaling_factor, ids
 
     @torch.no_grad()
     def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
@@ -140,6 +194,16 @@ def load_pretrained(folder: str):
                             "config.json (a UNet2DModel folder)")
 
 
+def base_model_folder(config: TrainConfig) -> str | None:
+    """The folder a run starts from: ``pretrained_model``, the built-in model for the personalisation methods, or
+    None (a new model)."""
+    if config.pretrained_model is not None or config.method == "full":
+        return config.pretrained_model
+    from minidiff.builtin import builtin_model_folder
+
+    return builtin_model_folder()
+
+
 def make_dataset(config: TrainConfig, resolution: int, channels: int, with_captions: bool = False, dataset=None):
     """``dataset`` if given (checked), else ``train_data_dir``'s images, else the synthetic shapes."""
     if dataset is not None:
@@ -152,7 +216,8 @@ def make_dataset(config: TrainConfig, resolution: int, channels: int, with_capti
     if config.train_data_dir is None:
         return SyntheticShapes(config.synthetic_images, resolution, channels, seed=config.seed)
     return ImageFolderDataset(config.train_data_dir, resolution, channels, with_labels=config.class_conditional,
-                              with_captions=with_captions)
+                              with_captions=with_captions, default_caption=config.instance_prompt,
+                              upscale_small=config.upscale_small_images)
 
 
 def dataset_classes(dataset) -> int:
@@ -165,9 +230,14 @@ def dataset_classes(dataset) -> int:
 def build_task(config: TrainConfig, device: torch.device, dataset=None):
     """(task, dataset) for ``config``; the UNet is on ``device`` in train mode. ``dataset`` (any object with
     ``len`` and ``[i]`` -> ``{"pixel_values", "class_label", "caption"}``) replaces ``train_data_dir``."""
-    pretrained = load_pretrained(config.pretrained_model) if config.pretrained_model else None
+    base = base_model_folder(config)
+    pretrained = load_pretrained(base) if base else None
     if isinstance(pretrained, minidiff.StableDiffusionPipeline):
         return _latent_text_task(config, pretrained, device, dataset)
+    if config.method != "full":
+        raise ValueError(f"method {config.method!r} personalises a Stable Diffusion pipeline, but pretrained_model "
+                         f"{base} is a {type(pretrained).__name__} folder; pass a Stable Diffusion folder (or none "
+                         "for the built-in model)")
     unet = getattr(pretrained, "unet", pretrained)
     pretrained_scheduler = getattr(pretrained, "scheduler", None)
     resolution = config.resolution or (unet.config.sample_size if unet is not None else 32)
@@ -183,7 +253,7 @@ def build_task(config: TrainConfig, device: torch.device, dataset=None):
         raise ValueError(f"the data has {num_classes} classes but the pretrained UNet embeds only "
                          f"{unet.config.num_class_embeds} (num_class_embeds)")
     scheduler = noise_scheduler(config, pretrained_scheduler.config if pretrained_scheduler else None)
-    return PixelDiffusion(unet.to(device).train(), scheduler, resolution, num_classes), dataset
+    return PixelDiffusion(unet.to(device).train(), scheduler, resolution, num_classes, base), dataset
 
 
 def check_resolution(resolution: int, unet_levels: int, vae_factor: int = 1) -> None:
@@ -217,8 +287,24 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
     resolution = config.resolution or pipe.unet.config.sample_size * factor
     check_resolution(resolution, len(pipe.unet.config.block_out_channels), factor)
     dataset = make_dataset(config, resolution, 3, with_captions=True, dataset=dataset)
-    prompts = [dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
+    if config.method == "textual-inversion":
+        _check_placeholder_in_captions(dataset, config.placeholder_token)
+    prompts = [config.validation_prompt] if config.validation_prompt else [
+        dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
     pipe.scheduler = noise_scheduler(config, pipe.scheduler.config)
     pipe.to(device)
     pipe.unet.train()
-    return LatentTextDiffusion(pipe, resolution, config.caption_dropout, prompts), dataset
+    task = LatentTextDiffusion(pipe, resolution, config.caption_dropout, prompts, config.prior_loss_weight,
+                               base_model_folder(config))
+    return task, dataset
+
+
+def _check_placeholder_in_captions(dataset, placeholder: str) -> None:
+    for index in range(len(dataset)):
+        caption = dataset[index]["caption"]
+        if placeholder not in caption:
+            where = getattr(dataset, "files", None)
+            name = f" ({where[index]})" if where else ""
+            raise ValueError(f"the caption {caption!r} of image {index}{name} does not name placeholder_token "
+                             f"{placeholder!r}: textual inversion learns the token from captions that use it, e.g. "
+                             f"--prompt 'a photo of {placeholder}'")
