@@ -329,14 +329,15 @@ def train(config: TrainConfig, dataset=None, announce: Callable[[str], None] | N
     again to resume. ``announce`` (rank 0 only) gets a line saying what trains, and at the end one naming the
     output."""
     dist = init_distributed()
-    say = announce if announce is not None and dist.is_main else (lambda line: None)
+    announce = announce if dist.is_main else None
     try:
         trainer = Trainer(config, dist, dataset)
-        say(trainer.method.summary())
+        if announce:
+            announce(trainer.method.summary())
         losses = trainer.run()
-        if losses:
-            say(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-                f"{trainer.method.describe_output(trainer.output_path)}")
+        if announce and losses:
+            announce(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+                     f"{trainer.method.describe_output(trainer.output_path)}")
         return losses
     finally:
         shutdown_distributed()

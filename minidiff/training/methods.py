@@ -152,12 +152,13 @@ class TextualInversionTraining:
         task.unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
         self.table = table.requires_grad_(True)
+        self.name = "text_encoder." + next(name for name, p in text_encoder.named_parameters() if p is table)
         self.original = table.detach().clone()
         self.keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
         self.keep[self.ids] = False
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        return {"text_encoder.token_embedding.weight": self.table}
+        return {self.name: self.table}
 
     def after_step(self) -> None:
         with torch.no_grad():
