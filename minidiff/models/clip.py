@@ -28,7 +28,7 @@ from minidiff import ops
 from minidiff.configuration import Config, check_choice
 from minidiff.models.attention import AttentionBackendMixin
 from minidiff.models.checks import check_ints, check_positive_floats, fail
-from minidiff.models.modeling import ModelMixin
+from minidiff.models.modeling import ModelMixin, checkpointed
 from minidiff.outputs import BaseOutput
 
 TRANSFORMERS_VERSION = "5.23.0"
@@ -156,6 +156,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing: each layer via checkpointed
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -175,7 +177,23 @@ def causal_attention_mask(attention_mask: torch.Tensor | None, length: int, dtyp
     return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class CLIPTextModel(ModelMixin, AttentionBackendMixin):
+class TransformersCheckpointingNames:
+    """transformers' names for ModelMixin's gradient checkpointing switches (diffusers' training scripts call
+    ``text_encoder.gradient_checkpointing_enable()``); ``is_gradient_checkpointing`` is shared by both libraries."""
+
+    _supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        if gradient_checkpointing_kwargs not in (None, {}, {"use_reentrant": False}):
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r} is not supported: "
+                             "minidiff always checkpoints with use_reentrant=False; pass None")
+        self.enable_gradient_checkpointing()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.disable_gradient_checkpointing()
+
+
+class CLIPTextModel(TransformersCheckpointingNames, ModelMixin, AttentionBackendMixin):
     """The CLIP text transformer (no projection head), as transformers' CLIPTextModel.
 
     ``text_encoder(input_ids).last_hidden_state`` is Stable Diffusion's ``encoder_hidden_states``.
@@ -321,7 +339,7 @@ class CLIPTextModel(ModelMixin, AttentionBackendMixin):
         mask = causal_attention_mask(attention_mask, input_ids.shape[1], hidden.dtype, hidden.device)
         all_hidden = [hidden]
         for layer in self.encoder.layers:
-            hidden = layer(hidden, mask)
+            hidden = checkpointed(self.encoder, layer, hidden, mask)
             all_hidden.append(hidden)
         last_hidden_state = self.final_layer_norm(hidden)
         output = CLIPTextModelOutput(
@@ -342,7 +360,7 @@ class CLIPTextModelWithProjectionOutput(BaseOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class CLIPTextModelWithProjection(ModelMixin, AttentionBackendMixin):
+class CLIPTextModelWithProjection(TransformersCheckpointingNames, ModelMixin, AttentionBackendMixin):
     """The CLIP text tower plus its projection head, as transformers' CLIPTextModelWithProjection: ``text_model``
     (a CLIPTextModel, sharing this model's config) and ``text_projection`` (hidden_size -> projection_dim, no bias).
 

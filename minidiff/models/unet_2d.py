@@ -103,6 +103,8 @@ def check_common_config(config: Config) -> None:
 class UNetBase(AttentionBackendMixin, ModelMixin):
     """What UNet2DModel and UNet2DConditionModel share: input checks, class embedding, the U and the output head."""
 
+    _supports_gradient_checkpointing = True  # every resnet and attention of the blocks (unet_blocks._ResnetStack)
+
     def _check_sample(self, sample: torch.Tensor) -> None:
         if not torch.is_tensor(sample) or sample.ndim != 4:
             shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minidiff.models.attention import Attention, Transformer2DModel
+from minidiff.models.modeling import checkpointed
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D")
@@ -110,9 +111,14 @@ def transformers(channels: int, cross: CrossAttentionOptions, resnet: ResnetOpti
 
 
 class _ResnetStack(nn.Module):
-    """Shared by all blocks: ``resnets``, optional ``attentions`` (one per layer) and how to call an attention."""
+    """Shared by all blocks: ``resnets``, optional ``attentions`` (one per layer) and how to call them (each call
+    through ``checkpointed``, so ``enable_gradient_checkpointing`` on the UNet reaches every resnet and attention)."""
 
     has_cross_attention = False
+    gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
+
+    def _resnet(self, layer: int, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        return checkpointed(self, self.resnets[layer], hidden_states, temb)
 
     def _build_attentions(self, make_attention: AttentionFactory | None, num_layers: int) -> None:
         self.attentions = nn.ModuleList(make_attention(i) for i in range(num_layers)) if make_attention else None
@@ -121,8 +127,8 @@ class _ResnetStack(nn.Module):
                 encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
         if self.attentions is None:
             return hidden_states
-        attention = self.attentions[layer]
-        return attention(hidden_states, encoder_hidden_states) if self.has_cross_attention else attention(hidden_states)
+        context = (encoder_hidden_states,) if self.has_cross_attention else ()
+        return checkpointed(self, self.attentions[layer], hidden_states, *context)
 
 
 def _resample(sampler: nn.Module, hidden_states, temb, output_size=None) -> torch.Tensor:
@@ -162,8 +168,8 @@ class DownBlock2D(_ResnetStack):
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = self._attend(i, resnet(hidden_states, temb), encoder_hidden_states)
+        for i in range(len(self.resnets)):
+            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states)
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = _resample(self.downsamplers[0], hidden_states, temb)  # (B, C, H, W) -> (B, C, H/2, W/2)
@@ -238,10 +244,10 @@ class UpBlock2D(_ResnetStack):
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
+        for i in range(len(self.resnets)):
             skip = res_hidden_states_tuple[-1 - i]  # the skip tensors are consumed last-in, first-out
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = self._attend(i, resnet(hidden_states, temb), encoder_hidden_states)
+            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states)
         if self.upsamplers is not None:
             hidden_states = _resample(self.upsamplers[0], hidden_states, temb, upsample_size)  # -> (B, C, 2H, 2W)
         return hidden_states
@@ -301,9 +307,9 @@ class UNetMidBlock2D(_ResnetStack):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)
-        for i, resnet in enumerate(self.resnets[1:]):
-            hidden_states = resnet(self._attend(i, hidden_states, encoder_hidden_states), temb)
+        hidden_states = self._resnet(0, hidden_states, temb)
+        for i in range(1, len(self.resnets)):
+            hidden_states = self._resnet(i, self._attend(i - 1, hidden_states, encoder_hidden_states), temb)
         return hidden_states
 
 
