@@ -1,23 +1,34 @@
-"""What only a CUDA machine can check: the adapters and prompt weighting give on the GPU what they give on the CPU.
+"""What only a CUDA machine can check: the adapters, prompt weighting and personalisation training give on the GPU
+what they give on the CPU.
 
     python scripts/gpu_check.py            # on a machine with a CUDA GPU; prints a table, exit 0 when all agree
 
 The built-in model draws the same seeded image on the CPU and on CUDA (TF32 off, float32) for each case: plain,
 a LoRA unfused with a per-call scale, the same LoRA fused, a two-vector textual-inversion token, compel weighting
 and an A1111 prompt past 75 tokens. Noise is drawn on the CPU in both runs (as in diffusers), so the images differ
-only by kernel rounding; a device mix-up (a tensor left on the CPU) raises instead. Where CUDA is absent the script
-says so and exits 2 without checking anything.
+only by kernel rounding; a device mix-up (a tensor left on the CPU) raises instead. Then three short training runs
+on each device from the same seed: LoRA on the UNet and text encoder, the same with gradient checkpointing, and a
+textual-inversion token; the trained weights must agree. Where CUDA is absent the script says so and exits 2
+without checking anything.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
+import numpy as np
+import PIL.Image
 import torch
 
 from minidiff.builtin import load_builtin_pipeline
+from minidiff.training import TrainConfig, Trainer
+from minidiff.training.distributed import Distributed
+from minidiff.training.shapes import Scene, render
 
 TOLERANCE = 1e-3  # absolute, np images in [0, 1]: CPU vs CUDA kernels in float32
+TRAIN_TOLERANCE = 1e-3  # relative, trained weights after a few AdamW steps (Adam amplifies rounding a little)
 LORA_TARGET = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
 TOKEN = "<gpu-style>"
 
@@ -59,6 +70,42 @@ def run_cases(pipe) -> dict[str, object]:
     return images
 
 
+TRAINING_RUNS = {
+    "LoRA training, UNet + text encoder": dict(method="lora", train_text_encoder=True),
+    "LoRA training, gradient checkpointing": dict(method="lora", train_text_encoder=True, gradient_checkpointing=True),
+    "textual-inversion training": dict(method="textual-inversion", instance_prompt=f"a {TOKEN} circle",
+                                       placeholder_token=TOKEN, initializer_token="red", num_vectors=2),
+}
+
+
+def draw_training_images(folder: str) -> str:
+    """Four scenes of the built-in model's dataset as PNGs in a new ``folder``."""
+    os.makedirs(folder)
+    for i, colour in enumerate(("red", "blue", "green", "yellow")):
+        image = render(Scene(colour, "circle", "big", "center", "black"), 32, np.random.default_rng(i))
+        PIL.Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
+    return folder
+
+
+def flat(parameters) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().cpu() for p in parameters])
+
+
+def train_cases(device: str, images: str, output_root: str, steps: int = 4
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each training run (the built-in model) on ``device``: its weights before and after, flattened."""
+    trained = {}
+    for case, options in TRAINING_RUNS.items():
+        config = TrainConfig(output_dir=os.path.join(output_root, device, case.replace(" ", "-")), train_data_dir=images,
+                             **{"instance_prompt": "a photo of sks", **options}, train_batch_size=2, max_train_steps=steps,
+                             learning_rate=1e-3, lr_warmup_steps=0, num_sample_images=0, progress=False)
+        trainer = Trainer(config, Distributed(device=torch.device(device)))
+        initial = flat(trainer.trainable.values())
+        trainer.run()
+        trained[case] = initial, flat(trainer.trainable.values())
+    return trained
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("CUDA is absent on this machine: nothing was checked. Run scripts/gpu_check.py where "
@@ -71,11 +118,19 @@ def main() -> int:
     on_cpu = run_cases(pipe)
     on_gpu = run_cases(pipe.to("cuda"))
     failed = 0
-    print("| case | max abs CPU vs CUDA | verdict |\n|---|---|---|")
+    print("| case | CPU vs CUDA | verdict |\n|---|---|---|")
     for case, expected in on_cpu.items():
         error = float(abs(on_gpu[case] - expected).max())
         failed += error > TOLERANCE
-        print(f"| {case} | {error:.2e} | {'pass' if error <= TOLERANCE else 'FAIL'} (tol {TOLERANCE}) |")
+        print(f"| {case} | {error:.2e} max abs | {'pass' if error <= TOLERANCE else 'FAIL'} (tol {TOLERANCE}) |")
+    with tempfile.TemporaryDirectory() as root:
+        images = draw_training_images(os.path.join(root, "images"))
+        trained_cpu, trained_gpu = train_cases("cpu", images, root), train_cases("cuda", images, root)
+    for case, (_, expected) in trained_cpu.items():
+        error = float((trained_gpu[case][1] - expected).abs().max() / expected.abs().max())
+        failed += error > TRAIN_TOLERANCE
+        print(f"| {case} | {error:.2e} max rel | {'pass' if error <= TRAIN_TOLERANCE else 'FAIL'} "
+              f"(tol {TRAIN_TOLERANCE}) |")
     return 1 if failed else 0
 
 

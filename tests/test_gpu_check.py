@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from minidiff.builtin import load_builtin_pipeline
@@ -29,3 +30,13 @@ def test_every_case_runs_and_each_changes_the_image():
     assert list(after) == list(base_state)
     assert all(torch.allclose(base_state[k], v, rtol=0, atol=1e-6) for k, v in after.items())
     assert len(pipe.tokenizer) == pipe.tokenizer.vocab_size
+
+
+@pytest.mark.slow
+def test_every_training_run_changes_its_weights(tmp_path):
+    """The runs the script compares across devices, here on the CPU for one step each: each trains."""
+    images = gpu_check.draw_training_images(str(tmp_path / "images"))
+    runs = gpu_check.train_cases("cpu", images, str(tmp_path / "runs"), steps=1)
+    assert list(runs) == list(gpu_check.TRAINING_RUNS)
+    for case, (initial, trained) in runs.items():
+        assert torch.isfinite(trained).all() and not torch.equal(initial, trained), case
