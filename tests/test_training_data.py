@@ -68,13 +68,12 @@ def test_bad_folders(tmp_path, setup, error, match):
         ImageFolderDataset(str(folder), 8)
 
 
-def test_truncated_image_is_named_when_decoded(tmp_path):
+def test_truncated_image_is_named_before_training(tmp_path):
     write_image(tmp_path / "ok.png", size=(64, 64))
     data = (tmp_path / "ok.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    dataset = ImageFolderDataset(str(tmp_path), 8)  # the header is fine
-    with pytest.raises(ValueError, match="cannot decode image file .*cut.png"):
-        dataset[0]
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # the header is fine, the pixels end early
+    with pytest.raises(ValueError, match="cannot read image file .*cut.png .*remove it from the folder or replace"):
+        ImageFolderDataset(str(tmp_path), 8)
 
 
 def test_labels_need_subfolders_and_captions_must_exist(tmp_path):

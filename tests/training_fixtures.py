@@ -69,3 +69,27 @@ def write_image(path, size=(10, 12), mode="RGB", seed=0) -> None:
     channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     PIL.Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+
+
+# ---- personalisation (LoRA, DreamBooth, textual inversion) on a tiny Stable Diffusion folder ------------------------
+PERSONALISE = dict(method="lora", instance_prompt="a photo of sks", resolution=16, train_batch_size=2,
+                   max_train_steps=2, checkpointing_steps=2, num_sample_images=0, lr_warmup_steps=0,
+                   learning_rate=1e-2, lr_scheduler="constant", progress=False)
+
+
+def write_personalise_folders(root, seed: int = 0) -> None:
+    """``root/sd``: a tiny seeded Stable Diffusion pipeline folder (16x16 images, tests/tiny_components.py);
+    ``root/images``: four captionless 16x16 images."""
+    import minidiff
+    from tests.tiny_components import tiny_pipeline
+
+    tiny_pipeline(minidiff.StableDiffusionPipeline, seed=seed).save_pretrained(os.path.join(root, "sd"))
+    for i in range(4):
+        write_image(os.path.join(root, "images", f"{i}.png"), size=(16, 16), seed=i)
+
+
+def personalise_config(root, output_dir, **overrides) -> TrainConfig:
+    """A 2-step LoRA run on :func:`write_personalise_folders`' model and images, unless ``overrides`` say otherwise."""
+    options = dict(pretrained_model=os.path.join(root, "sd"), train_data_dir=os.path.join(root, "images"),
+                   **PERSONALISE)
+    return TrainConfig(output_dir=str(output_dir), **{**options, **overrides})

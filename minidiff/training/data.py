@@ -115,8 +115,8 @@ class ImageFolderDataset:
         )
         if not self.files:
             raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)")
-        for relative in self.files:
-            with self._open(relative) as image:  # reads only the header: fails fast on a non-image
+        for relative in self.files:  # every file decoded once: a corrupt one is named before a run writes anything
+            with self._decoded(relative) as image:
                 if not upscale_small and min(image.size) < resolution:
                     raise ValueError(f"image {os.path.join(root, relative)} is {image.width}x{image.height}, smaller "
                                      f"than the training resolution {resolution}: use larger images, a smaller "
@@ -124,12 +124,16 @@ class ImageFolderDataset:
         self.classes = self._find_classes() if with_labels else []
         self.captions = self._find_captions(default_caption) if with_captions else {}
 
-    def _open(self, relative: str) -> PIL.Image.Image:
+    def _decoded(self, relative: str) -> PIL.Image.Image:
+        """The image file, its pixels read (a truncated or corrupt file is a ValueError naming it)."""
         path = os.path.join(self.root, relative)
         try:
-            return PIL.Image.open(path)
-        except (OSError, PIL.UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read image file {path}: {error}") from None
+            image = PIL.Image.open(path)
+            image.load()
+            return image
+        except (OSError, PIL.UnidentifiedImageError) as error:  # UnidentifiedImageError: not an image at all
+            raise ValueError(f"cannot read image file {path} ({error}): remove it from the folder or replace it "
+                             "with a readable PNG/JPEG") from None
 
     def _find_classes(self) -> list[str]:
         loose = [f for f in self.files if os.sep not in f]
@@ -174,11 +178,8 @@ class ImageFolderDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         relative = self.files[index]
-        try:
-            with self._open(relative) as image:
-                pixels = to_model_image(image, self.resolution, self.channels)
-        except OSError as error:  # truncated or corrupt data past the header
-            raise ValueError(f"cannot decode image file {os.path.join(self.root, relative)}: {error}") from None
+        with self._decoded(relative) as image:
+            pixels = to_model_image(image, self.resolution, self.channels)
         label = self.classes.index(relative.split(os.sep)[0]) if self.classes else 0
         return {"pixel_values": pixels, "class_label": label, "caption": self.captions.get(relative, "")}
 

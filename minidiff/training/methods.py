@@ -79,7 +79,7 @@ class LoRATraining:
             self.models["text_encoder"] = self.pipe.text_encoder
         targets = {"unet": config.lora_target_modules, "text_encoder": TEXT_LORA_TARGETS}
         for component, model in self.models.items():
-            model.requires_grad_(False)
+            model.requires_grad_(False).train()  # a trained text encoder in train mode too, as diffusers' scripts
             lora.inject_trainable_lora(model, targets[component], config.lora_rank, config.lora_alpha,
                                        generator=generator)
         self.rank = config.lora_rank
@@ -150,7 +150,7 @@ class TextualInversionTraining:
         with torch.no_grad():
             table[self.ids] = table[initializer].clone()
         task.unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        text_encoder.requires_grad_(False).train()
         self.table = table.requires_grad_(True)
         self.name = "text_encoder." + next(name for name, p in text_encoder.named_parameters() if p is table)
         self.original = table.detach().clone()
