@@ -295,6 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = {k: v for k, v in f.metadata.items() if k not in ("type", "aliases")}
         if f.metadata.get("type") in ("ints", "strs"):
             kwargs["type"] = _ints if f.metadata["type"] == "ints" else _strs
+            kwargs["help"] = f"{kwargs['help']} (default: {','.join(map(str, f.default))})"  # as typed, not a tuple
         elif f.type.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "nargs" not in kwargs:
