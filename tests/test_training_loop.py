@@ -225,6 +225,8 @@ def test_text_conditioned_fine_tuning_in_latent_space(tmp_path):
     losses = trainer.run()
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     exported = minidiff.StableDiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert type(exported.scheduler) is type(pipe.scheduler)  # trained with DDPM's add_noise, exported with its own
+    assert dict(exported.scheduler.config) == dict(pipe.scheduler.config)
     exported.set_progress_bar_config(disable=True)
     image = exported("a green square", height=16, width=16, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
@@ -285,3 +287,12 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     assert main(["train", "--output-dir", str(tmp_path / "run"), "--train-data-dir", str(tmp_path / "imgs")]) == 2
     assert "no images in" in capsys.readouterr().err
+
+
+def test_the_exported_pipeline_keeps_its_sampler_with_the_schedule_options_applied(tmp_path):
+    tiny_pipeline(minidiff.StableDiffusionPipeline).save_pretrained(tmp_path / "sd")
+    train(tiny_config(tmp_path / "run", pretrained_model=str(tmp_path / "sd"), resolution=16, max_train_steps=1,
+                      num_sample_images=0, prediction_type="v_prediction"))
+    exported = minidiff.StableDiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert isinstance(exported.scheduler, minidiff.DDIMScheduler)
+    assert exported.scheduler.config.prediction_type == "v_prediction"

@@ -93,10 +93,12 @@ class TextConditionedUNet(nn.Module):
 
 
 class LatentTextDiffusion:
-    def __init__(self, pipe, resolution: int, caption_dropout: float, prompts: list[str], prior_loss_weight: float,
-                 base_model: str):
+    def __init__(self, pipe, scheduler, resolution: int, caption_dropout: float, prompts: list[str],
+                 prior_loss_weight: float, base_model: str):
+        """``scheduler`` makes the training noise (``add_noise``); ``pipe.scheduler`` is what the export samples
+        with."""
         self.pipe, self.resolution, self.caption_dropout, self.prompts = pipe, resolution, caption_dropout, prompts
-        self.unet, self.scheduler, self.vae, self.channels = pipe.unet, pipe.scheduler, pipe.vae, 3
+        self.unet, self.scheduler, self.vae, self.channels = pipe.unet, scheduler, pipe.vae, 3
         self.prior_loss_weight, self.base_model = prior_loss_weight, base_model
         self.denoiser = TextConditionedUNet(pipe.unet, pipe.text_encoder)
         pipe.vae.requires_grad_(False).eval()
@@ -135,7 +137,7 @@ class LatentTextDiffusion:
     def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
         """Text-to-image with the pipeline (DDIM, guidance 7.5) for the first ``count`` captions of the data."""
         pipe = minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet))
-        pipe.scheduler = minidiff.DDIMScheduler.from_config(self.scheduler.config)
+        pipe.scheduler = minidiff.DDIMScheduler.from_config(self.pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         prompts = [self.prompts[i % len(self.prompts)] for i in range(count)]
         images = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=steps,
@@ -148,18 +150,22 @@ class LatentTextDiffusion:
             minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet)).save_pretrained(folder)
         else:
             unet.save_pretrained(os.path.join(folder, "unet"))
-            self.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+            self.pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
 
 
 # ---- building a task from a TrainConfig ---------------------------------------------------------------------------
-def noise_scheduler(config: TrainConfig, pretrained_config=None):
-    """The scheduler whose ``add_noise`` makes x_t: the pretrained schedule unless options override it."""
+def schedule_overrides(config: TrainConfig) -> dict:
+    """The schedule options given (None: keep the pretrained one's)."""
     options = {"beta_schedule": config.beta_schedule, "num_train_timesteps": config.num_train_timesteps,
                "prediction_type": config.prediction_type}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def noise_scheduler(config: TrainConfig, pretrained_config=None):
+    """The scheduler whose ``add_noise`` makes x_t: the pretrained schedule unless options override it."""
     defaults = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
     base = dict(pretrained_config) if pretrained_config is not None else defaults
-    overrides = {k: v for k, v in options.items() if v is not None}
-    return getattr(minidiff, NOISE_SCHEDULERS[config.noise_scheduler]).from_config(base, **overrides)
+    return getattr(minidiff, NOISE_SCHEDULERS[config.noise_scheduler]).from_config(base, **schedule_overrides(config))
 
 
 def new_unet(config: TrainConfig, resolution: int, channels: int, num_classes: int | None):
@@ -291,11 +297,13 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
         _check_placeholder_in_captions(dataset, config.placeholder_token)
     prompts = [config.validation_prompt] if config.validation_prompt else [
         dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
-    pipe.scheduler = noise_scheduler(config, pipe.scheduler.config)
+    training_scheduler = noise_scheduler(config, pipe.scheduler.config)
+    # the pipeline keeps its own sampler (as diffusers' scripts export it), with the schedule options applied
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **schedule_overrides(config))
     pipe.to(device)
     pipe.unet.train()
-    task = LatentTextDiffusion(pipe, resolution, config.caption_dropout, prompts, config.prior_loss_weight,
-                               base_model_folder(config))
+    task = LatentTextDiffusion(pipe, training_scheduler, resolution, config.caption_dropout, prompts,
+                               config.prior_loss_weight, base_model_folder(config))
     return task, dataset
 
 
