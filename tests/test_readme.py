@@ -76,6 +76,11 @@ NOT_CHECKED = {
     "-k": "a pytest flag passed through by `python -m parity`",
     "emb_params": "the tensor's key in A1111 embedding files", "lora_scale": "an argument of pipe.fuse_lora",
     "init_image": "a user variable in the examples", "mask": "a user variable in the examples",
+    "name.txt": "a caption file's name pattern (beside name.png)",
+    "pytorch_lora_weights.safetensors": "written by `minidiff train --method lora`",
+    "learned_embeds.safetensors": "written by `minidiff train --method textual-inversion`",
+    "train_text_to_image_lora.py": "a diffusers example script", "train_dreambooth.py": "a diffusers example script",
+    "textual_inversion.py": "a diffusers example script",
 }
 
 
