@@ -218,3 +218,54 @@ def test_starting_over_with_bad_input_keeps_the_previous_run(base, finished, tmp
     (tmp_path / "empty").mkdir()
     overrides = {k: str(tmp_path / "empty") if v == "EMPTY" else v for k, v in overrides.items()}
     assert_refused(personalise_config(base, finished, overwrite=True, **overrides), ValueError, match)
+
+
+# ---- found in review ----------------------------------------------------------------------------------------------
+def test_a_class_data_dir_that_is_a_file_is_refused_before_overwrite_deletes_the_old_run(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base / "finished", run)
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_refused(personalise_config(base, run, overwrite=True, class_data_dir=str(tmp_path / "a-file"), **PRIOR),
+                   ValueError, r"class_data_dir .*a-file is a file; pass a folder")
+
+
+def test_class_images_already_in_the_folder_count_whatever_their_names(base, tmp_path):
+    classes = image_folder(tmp_path, "classes", count=3)
+    train(personalise_config(base, tmp_path / "run", class_data_dir=classes, num_class_images=3, **PRIOR))
+    assert sorted(os.listdir(classes)) == ["0.png", "1.png", "2.png"]  # none drawn: train_dreambooth.py's count
+
+
+@pytest.mark.parametrize("options", [dict(method="dreambooth"), TEXTUAL_INVERSION, dict(method="lora")])
+def test_an_instance_prompt_without_images_is_refused(base, tmp_path, options):
+    config = personalise_config(base, tmp_path / "run", **options)
+    config.train_data_dir = None
+    assert_refused(config, ValueError, r"needs your images: pass train_data_dir \(--images DIR\)")
+
+
+def test_a_placeholder_that_is_a_whole_clip_word_is_refused(base, tmp_path):
+    assert_refused(personalise_config(base, tmp_path / "run", **dict(TEXTUAL_INVERSION, placeholder_token="sks",
+                                                                        instance_prompt="a photo of sks")),
+                   ValueError, r"'sks' is already in the tokenizer's vocabulary")
+
+
+def test_the_base_fingerprint_ignores_the_runs_checkpoints(tmp_path):
+    from minidiff.builtin import builtin_model_folder
+    from minidiff.training.methods import fingerprint
+
+    shutil.copytree(builtin_model_folder(), tmp_path / "model")
+    before = fingerprint(str(tmp_path / "model"))
+    write_image(str(tmp_path / "model" / "checkpoints" / "checkpoint-000001" / "x.png"))
+    (tmp_path / "model" / "checkpoints" / "checkpoint-000001" / "state.json").write_text("{}")
+    assert fingerprint(str(tmp_path / "model")) == before
+    (tmp_path / "model" / "unet" / "config.json").write_text("{}")
+    assert fingerprint(str(tmp_path / "model")) != before
+
+
+def test_use_ema_left_unset_follows_the_method_through_dataclasses_replace():
+    import dataclasses
+
+    from minidiff.training import TrainConfig
+
+    full = TrainConfig(output_dir="x")
+    assert full.keeps_ema and not dataclasses.replace(full, method="lora").check().keeps_ema
+    assert not TrainConfig(output_dir="x", method="dreambooth").keeps_ema  # train_dreambooth.py keeps no EMA

@@ -408,19 +408,24 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 # ---------------------------------------------------------------------------------------------------------- export
 
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors as peft's ``get_peft_model_state_dict`` names them: ``<module>.lora_A.weight`` (down)
-    and ``<module>.lora_B.weight`` (up), for ``save_lora_weights``."""
-    state = {}
+def peft_named_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The adapter's weights as peft's ``get_peft_model_state_dict`` names them: ``<module>.lora_A.weight`` (down)
+    and ``<module>.lora_B.weight`` (up)."""
+    named = {}
     for path, layer in lora_layers(model).items():
         if adapter_name in layer.adapters:
             adapter = layer.adapters[adapter_name]
-            state[f"{path}.lora_A.weight"] = adapter.down.weight.detach()
-            state[f"{path}.lora_B.weight"] = adapter.up.weight.detach()
-    if not state:
+            named[f"{path}.lora_A.weight"] = adapter.down.weight
+            named[f"{path}.lora_B.weight"] = adapter.up.weight
+    if not named:
         raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r}; it has "
                          f"{list_lora_adapters(model)}")
-    return state
+    return named
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names (:func:`peft_named_parameters`), for ``save_lora_weights``."""
+    return {key: parameter.detach() for key, parameter in peft_named_parameters(model, adapter_name).items()}
 
 
 def lora_adapter_metadata(model: nn.Module, adapter_name: str = "default") -> dict:

@@ -29,7 +29,7 @@ NUMBER_RANGES = {"learning_rate": "(0, inf)", "caption_dropout": "[0, 1]", "adam
                  "adam_beta2": "[0, 1)", "adam_weight_decay": "[0, inf)", "adam_epsilon": "[0, inf)",
                  "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)", "prior_loss_weight": "[0, inf)"}
 PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume", "class_data_dir")  # str or os.PathLike (kept as str)
-BOOL_OPTIONS = ("random_flip", "class_conditional", "use_ema", "overwrite", "progress", "upscale_small_images",
+BOOL_OPTIONS = ("random_flip", "class_conditional", "overwrite", "progress", "upscale_small_images",
                 "train_text_encoder", "use_lora", "with_prior_preservation", "gradient_checkpointing")
 # Options added with the personalisation methods: a checkpoint written before them was trained with their defaults.
 LATER_OPTIONS = ("method", "instance_prompt", "upscale_small_images", "lora_rank", "lora_alpha", "lora_target_modules",
@@ -92,8 +92,9 @@ class TrainConfig:
     with_prior_preservation: bool = option(False, "dreambooth: also fit images the frozen model draws for "
                                                   "--class-prompt, so the class keeps its meaning")
     class_prompt: str | None = option(None, "prompt of the class images, e.g. 'a photo of a dog'")
-    class_data_dir: str | None = option(None, "folder of class images; missing ones are generated before training "
-                                              "(default: <output-dir>/class_images)")
+    class_data_dir: str | None = option(None, "folder of class images (captions as for --images, else "
+                                              "--class-prompt); missing ones are drawn before training (default: "
+                                              "<output-dir>/class_images, which --overwrite deletes)")
     num_class_images: int = option(100, "class images to use (generated if the folder holds fewer)")
     prior_loss_weight: float = option(1.0, "weight of the class images' loss")
     # ---- textual inversion (Gal et al. 2022)
@@ -119,7 +120,7 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
     use_ema: bool | None = option(None, "keep an exponential moving average of the weights (used for samples and "
-                                        "export); default: on for full training, off for adapters")
+                                        "export); default: on for --method full only")
     ema_max_decay: float = option(0.9999, "EMA decay ceiling")
     ema_power: float = option(0.75, "EMA warm-up power: decay = 1 - (1 + step)^-power")
     mixed_precision: str = option("no", "bf16: run the UNet forward under bf16 autocast", choices=MIXED_PRECISION)
@@ -139,8 +140,6 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
-        if self.use_ema is None:
-            self.use_ema = not self.trains_adapters
         for name in PATH_OPTIONS:  # a pathlib.Path is stored as str, so the config stays JSON (state.json)
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
@@ -151,13 +150,20 @@ class TrainConfig:
         return self.method in ADAPTER_METHODS or (self.method == "dreambooth" and self.use_lora)
 
     @property
+    def keeps_ema(self) -> bool:
+        """use_ema, or its default: on for full training (train_unconditional.py), off for the personalisation
+        methods (diffusers' DreamBooth, LoRA and textual-inversion scripts keep none)."""
+        return self.use_ema if self.use_ema is not None else self.method == "full"
+
+    @property
     def trains_lora(self) -> bool:
         return self.method == "lora" or (self.method == "dreambooth" and self.use_lora)
 
     @property
     def trajectory_options(self) -> dict[str, Any]:
         """The options that decide the losses and weights of a run (what a resume must not change)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        options = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        return {**options, "use_ema": self.keeps_ema}  # as resolved: an unset use_ema means its default
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -197,6 +203,8 @@ class TrainConfig:
         for name in BOOL_OPTIONS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_ema is not None and not isinstance(self.use_ema, bool):
+            raise ValueError(f"use_ema must be True, False or None (its default for the method), got {self.use_ema!r}")
         if self.beta_schedule is not None:
             check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise_scheduler", self.noise_scheduler, NOISE_SCHEDULERS)
@@ -223,18 +231,20 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
-        if self.use_ema and self.trains_adapters:
+        if self.keeps_ema and self.trains_adapters:
             raise ValueError(f"use_ema keeps an average of the whole UNet; method {method!r}"
                              f"{' with use_lora' if method == 'dreambooth' else ''} trains only added weights: "
                              "leave use_ema off (--no-use-ema)")
-        misplaced = [(self.use_lora, "use_lora", "dreambooth"),
-                     (self.with_prior_preservation, "with_prior_preservation", "dreambooth"),
-                     (self.placeholder_token is not None, "placeholder_token", "textual-inversion"),
-                     (self.initializer_token is not None, "initializer_token", "textual-inversion"),
-                     (self.train_text_encoder and not self.trains_lora, "train_text_encoder",
-                      "lora (or dreambooth with use_lora)")]
-        for given, name, owner in misplaced:
-            if given and not (method == owner or (owner.startswith("lora") and self.trains_lora)):
+        # (option given, its name, whether this method uses it, the methods that do)
+        owners = [(self.use_lora, "use_lora", method == "dreambooth", "dreambooth"),
+                  (self.with_prior_preservation, "with_prior_preservation", method == "dreambooth", "dreambooth"),
+                  (self.placeholder_token is not None, "placeholder_token", method == "textual-inversion",
+                   "textual-inversion"),
+                  (self.initializer_token is not None, "initializer_token", method == "textual-inversion",
+                   "textual-inversion"),
+                  (self.train_text_encoder, "train_text_encoder", self.trains_lora, "lora (or dreambooth with use_lora)")]
+        for given, name, applies, owner in owners:
+            if given and not applies:
                 raise ValueError(f"{name} applies to method {owner}, not {method!r}")
         if self.with_prior_preservation and self.class_prompt is None:
             raise ValueError("with_prior_preservation needs class_prompt: the prompt the frozen model draws the "

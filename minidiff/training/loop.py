@@ -22,7 +22,8 @@ from minidiff.training.config import LATER_OPTIONS, RESUMABLE_CHANGES, TrainConf
 from minidiff.training.data import global_batch_indices, load_batch, micro_batch_positions, sample_generators
 from minidiff.training.distributed import Distributed, init_distributed, shutdown_distributed
 from minidiff.training.ema import EMAModel
-from minidiff.training.methods import build_method, fingerprint, prepare_class_images, with_class_images
+from minidiff.training.methods import (build_method, check_class_images_folder, fingerprint, prepare_class_images,
+                                       with_class_images)
 from minidiff.training.tasks import build_task
 
 # what a run writes into output_dir (what --overwrite deletes); anything else there is left alone
@@ -96,10 +97,12 @@ class Trainer:
         self.model = dist.wrap(self.task.denoiser)  # DDP all-reduces only the parameters that require grad
         self.trainable = self.method.trainable()
         self.optimizer = make_optimizer(self.trainable.values(), config)
-        self.ema = EMAModel(self.unet, config.ema_max_decay, config.ema_power) if config.use_ema else None
+        self.ema = EMAModel(self.unet, config.ema_max_decay, config.ema_power) if config.keeps_ema else None
         self.step, self.losses, self.log_plan, self.output_path = 0, [], None, None
         if self.resume_from:
             self._resume(self.resume_from)
+        if config.with_prior_preservation:
+            check_class_images_folder(config, self.task.resolution)
         self.dist.barrier()  # every process has read the output folder before rank 0 changes it
         if dist.is_main:
             self._start_output_dir()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -28,16 +29,41 @@ from minidiff.fileio import atomic_write
 from minidiff.loading.safetensors_io import load_safetensors, save_safetensors
 from minidiff.training.checkpoint import load_model_weights
 from minidiff.training.config import TEXT_LORA_TARGETS, TrainConfig
-from minidiff.training.data import ImageFolderDataset, PriorPreservationDataset, seed_from
+from minidiff.training.data import IMAGE_EXTENSIONS, ImageFolderDataset, PriorPreservationDataset, seed_from
 
 
 def describe_size(path: str) -> str:
+    """A file's size for people: "3.1 MiB", "159.1 KiB"."""
     size = os.path.getsize(path)
     return f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.1f} KiB"
 
 
 def count(parameters) -> int:
+    """The number of weights in ``parameters``."""
     return sum(p.numel() for p in parameters)
+
+
+class Method(Protocol):
+    """What the loop asks of a method (built by :func:`build_method` on a task, which it may change: adapters,
+    tokens, which weights require grad)."""
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The optimizer's parameters by name (their order is the checkpoint's optimizer state order)."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (textual inversion puts the other token rows back)."""
+
+    def save(self, folder: str, unet, final: bool) -> str:
+        """Write what the method trains into ``folder`` (``final``: the export, else a checkpoint); the path."""
+
+    def load(self, checkpoint: str) -> None:
+        """Restore what ``save`` wrote into a checkpoint (resume)."""
+
+    def summary(self) -> str:
+        """One line: what trains, and how many weights."""
+
+    def describe_output(self, path: str) -> str:
+        """One line: where the export is and how to use it."""
 
 
 class FullTraining:
@@ -104,7 +130,7 @@ class LoRATraining:
         tensors = load_safetensors(path)
         with torch.no_grad():
             for component, model in self.models.items():
-                for key, parameter in _peft_named(model).items():
+                for key, parameter in lora.peft_named_parameters(model).items():
                     name = file_key(component, key)
                     if name not in tensors or tensors[name].shape != parameter.shape:
                         found = "missing" if name not in tensors else f"shaped {tuple(tensors[name].shape)}"
@@ -120,17 +146,6 @@ class LoRATraining:
 
     def describe_output(self, path: str) -> str:
         return f"LoRA weights in {path} ({describe_size(path)}); load them with pipe.load_lora_weights"
-
-
-def _peft_named(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's parameters under the keys ``lora_state_dict`` gives them (``<module>.lora_A.weight``, ...)."""
-    roles = {"down": "lora_A", "up": "lora_B"}
-    named = {}
-    for path, layer in lora.lora_layers(model).items():
-        adapter = layer.adapters["default"]
-        for role, module in (("down", adapter.down), ("up", adapter.up)):
-            named[f"{path}.{roles[role]}.weight"] = module.weight
-    return named
 
 
 class TextualInversionTraining:
@@ -156,6 +171,9 @@ class TextualInversionTraining:
         self.original = table.detach().clone()
         self.keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
         self.keep[self.ids] = False
+        # The other rows' gradients (pad/end tokens: ~70 per caption) would dominate clip_grad_norm_ although
+        # after_step discards their update; textual_inversion.py does not clip at all.
+        table.register_hook(lambda grad: grad.masked_fill(self.keep[:, None], 0.0))  # (V + n, D)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {self.name: self.table}
@@ -192,7 +210,8 @@ class TextualInversionTraining:
 def check_token_options(tokenizer, tokens: list[str], initializer_token: str) -> int:
     """The id of the one-token ``initializer_token``; new ``tokens`` must not be in the vocabulary already."""
     vocabulary = tokenizer.get_vocab()
-    taken = [token for token in tokens if token in vocabulary or token.lower() in vocabulary]
+    taken = [token for token in tokens  # CLIP keeps a whole word as "word</w>"
+             if any(form in vocabulary for form in (token, token.lower(), token.lower() + "</w>"))]
     if taken:
         raise ValueError(f"placeholder_token {tokens[0]!r}: {taken[0]!r} is already in the tokenizer's vocabulary; "
                          "choose a new token such as '<my-concept>'")
@@ -218,20 +237,40 @@ def class_images_folder(config: TrainConfig) -> str:
     return config.class_data_dir or os.path.join(config.output_dir, "class_images")
 
 
+def class_image_files(folder: str) -> list[str]:
+    """The image files under ``folder`` (recursively; what :class:`ImageFolderDataset` would read)."""
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def check_class_images_folder(config: TrainConfig, resolution: int) -> None:
+    """Before anything is written: the class folder must be a folder, and the images already in it readable and
+    large enough (the checks ``with_class_images`` makes after the class images are drawn)."""
+    folder = class_images_folder(config)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"class_data_dir {folder} is a file; pass a folder (the missing class images are drawn "
+                         "into it)")
+    if os.path.isdir(folder) and class_image_files(folder):
+        ImageFolderDataset(folder, resolution, upscale_small=config.upscale_small_images)
+
+
 def prepare_class_images(config: TrainConfig, pipe, resolution: int) -> None:
-    """Draw the missing class images (``num_class_images`` in all) with the frozen pipeline from ``class_prompt``,
-    image ``k`` seeded by (seed, k): a re-run or a resume draws the same ones, and existing images are reused."""
+    """Draw the missing class images with the frozen pipeline from ``class_prompt`` until the folder holds
+    ``num_class_images`` (as ``train_dreambooth.py``: images already there, of any name, count), image ``k`` seeded
+    by (seed, k): a re-run or a resume draws the same ones."""
     folder = class_images_folder(config)
     os.makedirs(folder, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    for k in range(config.num_class_images):
+    missing, k = config.num_class_images - len(class_image_files(folder)), 0
+    while missing > 0:
         path = os.path.join(folder, f"class-{k:05d}.png")
-        if os.path.isfile(path):
-            continue
-        generator = torch.Generator().manual_seed(seed_from(config.seed, 2, k))
-        image = pipe(config.class_prompt, height=resolution, width=resolution, num_inference_steps=config.sample_steps,
-                     generator=generator).images[0]
-        atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+        if not os.path.isfile(path):
+            generator = torch.Generator().manual_seed(seed_from(config.seed, 2, k))
+            image = pipe(config.class_prompt, height=resolution, width=resolution,
+                         num_inference_steps=config.sample_steps, generator=generator).images[0]
+            atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+            missing -= 1
+        k += 1
 
 
 def with_class_images(config: TrainConfig, instances, resolution: int):
@@ -250,8 +289,8 @@ def fingerprint(folder: str | None) -> str | None:
     if folder is None or not os.path.isdir(folder):
         return None
     digest = hashlib.sha256()
-    for root, dirs, names in sorted(os.walk(folder)):
-        dirs[:] = sorted(d for d in dirs if d not in ("checkpoints",))
+    for root, dirs, names in os.walk(folder):  # top-down: pruning ``dirs`` in place skips those folders
+        dirs[:] = sorted(d for d in dirs if d != "checkpoints")
         for name in sorted(names):
             if not name.endswith((".json", ".safetensors", ".txt")):
                 continue

@@ -220,6 +220,11 @@ def make_dataset(config: TrainConfig, resolution: int, channels: int, with_capti
                              f"{None if pixels is None else tuple(pixels.shape)}")
         return dataset
     if config.train_data_dir is None:
+        if config.method in ("dreambooth", "textual-inversion") or config.instance_prompt is not None:
+            what = "instance_prompt" if config.method not in ("dreambooth", "textual-inversion") else \
+                f"method {config.method!r}"
+            raise ValueError(f"{what} needs your images: pass train_data_dir (--images DIR); without it the run "
+                             "would train on the built-in synthetic shapes and their own captions")
         return SyntheticShapes(config.synthetic_images, resolution, channels, seed=config.seed)
     return ImageFolderDataset(config.train_data_dir, resolution, channels, with_labels=config.class_conditional,
                               with_captions=with_captions, default_caption=config.instance_prompt,
@@ -308,8 +313,9 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
 
 
 def _check_placeholder_in_captions(dataset, placeholder: str) -> None:
+    captions = getattr(dataset, "captions", None)  # an ImageFolderDataset's, without decoding its images
     for index in range(len(dataset)):
-        caption = dataset[index]["caption"]
+        caption = captions[dataset.files[index]] if isinstance(captions, dict) else dataset[index]["caption"]
         if placeholder not in caption:
             where = getattr(dataset, "files", None)
             name = f" ({where[index]})" if where else ""
