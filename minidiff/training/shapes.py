@@ -15,6 +15,11 @@ Some (shape colour, background colour) pairs are held out (:data:`HELD_OUT_PAIRS
 so prompts naming them test whether the model composes what it learned. :func:`read_scene` measures a scene back
 from pixels with plain colour statistics, independent of any model; the tests and ``scripts/builtin/evaluate.py``
 use it to check that generated images show what their prompts name.
+
+Personalisation (``scripts/personalise``) teaches the model concepts this dataset never shows: a shape
+(:data:`CONCEPT_SHAPES`, a ring) and a colour (:data:`CONCEPT_COLOURS`, teal). :func:`render` and
+:func:`shape_alpha` draw them like the others, :func:`concept_scenes` gives the few training scenes and the held-out
+ones, and ``read_scene(image, shapes=..., colours=...)`` reads them back from pixels.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ MENTION_PROBABILITY = {"size": 0.5, "position": 0.6, "background": 0.6}  # colou
 COLOUR_JITTER = 12  # each image's colours vary by up to this much per RGB channel
 POSITION_JITTER = 0.03  # and its centre by up to this fraction of the side
 SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges
+# Concepts the dataset never shows, for personalisation: drawn and read like the others, never in CaptionedShapes.
+CONCEPT_SHAPES = ("ring",)
+CONCEPT_COLOURS = {"teal": (20, 160, 160)}
+ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
+RING_HOLE = 0.5  # the hole's radius, as a fraction of the ring's
 
 
 def article(word: str) -> str:
@@ -78,6 +88,12 @@ class Scene:
         mention = {name: rng.random() < p for name, p in MENTION_PROBABILITY.items()}
         return self.caption(**mention)
 
+    def named(self, size: bool = True, position: bool = True, background: bool = True) -> dict[str, str]:
+        """The attributes ``caption`` with the same arguments names, as :func:`read_scene` reports them."""
+        optional = {"size": size, "position": position, "background": background}
+        return {"colour": self.colour, "shape": self.shape,
+                **{name: getattr(self, name) for name, mentioned in optional.items() if mentioned}}
+
 
 def random_scene(rng: np.random.Generator, exclude: tuple[tuple[str, str], ...] = HELD_OUT_PAIRS) -> Scene:
     """A uniformly drawn scene whose shape and background colours differ and are not an ``exclude`` pair."""
@@ -92,7 +108,8 @@ def random_scene(rng: np.random.Generator, exclude: tuple[tuple[str, str], ...] 
 
 def shape_alpha(shape: str, centre: tuple[float, float], radius: float, resolution: int) -> np.ndarray:
     """Coverage in [0, 1] of each pixel by ``shape`` (centre and half-width in pixels): drawn at 4x, box-filtered.
-    Circles and squares are centred on ``centre``; the upward triangle fills the same box."""
+    Circles, squares and rings (a disc with a hole of RING_HOLE x ``radius``) are centred on ``centre``; the
+    upward triangle fills the same box."""
     big = resolution * SUPERSAMPLE
     canvas = PIL.Image.new("L", (big, big), 0)
     cx, cy, r = centre[0] * SUPERSAMPLE, centre[1] * SUPERSAMPLE, radius * SUPERSAMPLE
@@ -101,6 +118,9 @@ def shape_alpha(shape: str, centre: tuple[float, float], radius: float, resoluti
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     elif shape == "square":
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        draw.ellipse((cx - RING_HOLE * r, cy - RING_HOLE * r, cx + RING_HOLE * r, cy + RING_HOLE * r), fill=0)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
     return np.asarray(canvas.resize((resolution, resolution), resample=PIL.Image.BOX), dtype=np.float32) / 255.0
@@ -111,7 +131,7 @@ def render(scene: Scene, resolution: int = 32, rng: np.random.Generator | None =
 
     def colour(name: str) -> np.ndarray:
         offset = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3) if rng is not None else 0
-        return np.clip(np.array(COLOURS[name]) + offset, 0, 255).astype(np.float32)
+        return np.clip(np.array(ALL_COLOURS[name]) + offset, 0, 255).astype(np.float32)
 
     background, foreground = colour(scene.background), colour(scene.colour)
     centre = np.array(POSITIONS[scene.position][1])
@@ -120,6 +140,40 @@ def render(scene: Scene, resolution: int = 32, rng: np.random.Generator | None =
     alpha = shape_alpha(scene.shape, tuple(centre * resolution), SIZES[scene.size] * resolution, resolution)
     image = background + alpha[..., None] * (foreground - background)  # (H, W, 3)
     return image.round().astype(np.uint8)
+
+
+def concept_scenes(rng: np.random.Generator, count: int, shapes: tuple[str, ...], colours: tuple[str, ...],
+                   backgrounds: tuple[str, ...], sizes: tuple[str, ...] = tuple(SIZES)) -> list[Scene]:
+    """``count`` scenes drawn uniformly from the given choices (any position; shape and background colours differ):
+    the few training images of a concept, or the held-out scenes it is tested on."""
+    if not any(colour != background for colour in colours for background in backgrounds):
+        raise ValueError(f"colours {colours} and backgrounds {backgrounds} leave no pair of different colours")
+    scenes = []
+    while len(scenes) < count:
+        colour, background = colours[rng.integers(len(colours))], backgrounds[rng.integers(len(backgrounds))]
+        if colour != background:
+            scenes.append(Scene(colour, shapes[rng.integers(len(shapes))], sizes[rng.integers(len(sizes))],
+                                list(POSITIONS)[rng.integers(len(POSITIONS))], background))
+    return scenes
+
+
+def concept_caption(caption: str, words: dict[str, str]) -> str:
+    """``caption`` with each concept's name replaced by the word that teaches it: with ``{"ring": "sks"}``,
+    'a red ring on a blue background' -> 'a red sks on a blue background'."""
+    for name, word in words.items():
+        caption = re.sub(rf"\b{re.escape(name)}\b", word, caption)
+    return caption
+
+
+def held_out_concept_prompts(scenes: list[Scene], words: dict[str, str], seed: int = 1) -> list[tuple[str, dict]]:
+    """(prompt, attributes it names) for each scene, the concept under its word: colour, shape and background
+    always named, size and position each at random (as :func:`held_out_prompts`)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for scene in scenes:
+        mention = {"size": rng.random() < 0.5, "position": rng.random() < 0.5, "background": True}
+        prompts.append((concept_caption(scene.caption(**mention), words), scene.named(**mention)))
+    return prompts
 
 
 class CaptionedShapes:
@@ -173,55 +227,66 @@ def parse_prompt(prompt: str) -> dict[str, str] | None:
     return named
 
 
-def nearest_colour(pixels: np.ndarray) -> np.ndarray:
-    """Index into :data:`COLOURS` of the nearest palette colour (RGB distance) of each pixel of (..., 3) uint8."""
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
+def nearest_colour(pixels: np.ndarray, colours: dict[str, tuple[int, int, int]] = COLOURS) -> np.ndarray:
+    """Index into ``colours`` of the nearest palette colour (RGB distance) of each pixel of (..., 3) uint8."""
+    palette = np.array(list(colours.values()), dtype=np.float32)  # (K, 3)
     distances = np.linalg.norm(pixels[..., None, :].astype(np.float32) - palette, axis=-1)  # (..., K)
     return distances.argmin(-1)
 
 
-def read_scene(image: np.ndarray | PIL.Image.Image) -> dict[str, Any]:
+# shape -> (its half-width given its area, how far its centroid lies below its box centre, in half-widths)
+SHAPE_FITS = {"circle": (lambda area: np.sqrt(area / np.pi), 0.0), "square": (lambda area: np.sqrt(area) / 2, 0.0),
+              "triangle": (lambda area: np.sqrt(area / 2), 1 / 3),
+              "ring": (lambda area: np.sqrt(area / (np.pi * (1 - RING_HOLE ** 2))), 0.0)}
+
+
+def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SHAPES,
+               colours: dict[str, tuple[int, int, int]] = COLOURS) -> dict[str, Any]:
     """Measure a scene from pixels with colour statistics and the dataset's geometry alone (no model).
+    ``shapes`` and ``colours`` are the candidates (default: the dataset's; add the concepts' to read those).
 
     1. Colours: each pixel is labelled with its nearest palette colour; the background is the commonest label on
        the 1-pixel border, the shape's colour the commonest other label.
     2. Coverage: each pixel's colour projected on the segment from the background's to the shape's (median) colour,
        ``alpha = <p - bg, fg - bg> / |fg - bg|^2`` clipped to [0, 1]; ``mask`` is ``alpha > 1/2``.
-    3. Shape: for each of circle/square/triangle, the coverage of that shape with the measured area and centroid;
+    3. Shape: for each candidate shape, the coverage of that shape with the measured area and centroid;
        the one nearest the measured coverage (L1) wins. Its half-width gives the size (nearer of small/big, in log
        scale) and its box centre the position (nearest grid cell).
-    Returns those attributes plus ``mask`` (H, W) bool.
+    Returns those attributes plus ``mask`` (H, W) bool, ``rgb`` (the shape's median colour) and ``fit_errors``
+    (each candidate's L1 error per pixel of area: the smaller, the better that shape explains the coverage).
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image)
     if pixels.dtype != np.uint8:
         pixels = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)  # float images in [0, 1]
     side = pixels.shape[0]
-    names = list(COLOURS)
-    labels = nearest_colour(pixels)  # (H, W)
+    names = list(colours)
+    labels = nearest_colour(pixels, colours)  # (H, W)
     border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()
     counts = np.bincount(labels.ravel(), minlength=len(names))
     counts[background] = 0
     colour = counts.argmax()
     scene: dict[str, Any] = {"background": names[background], "colour": names[colour]}
-    if counts[colour] == 0:  # one flat colour: no shape
-        scene["mask"] = np.zeros(labels.shape, dtype=bool)
-        return scene
     rgb = pixels.astype(np.float32)
+    if counts[colour] == 0:  # one flat colour: no shape
+        scene["mask"], scene["rgb"] = np.zeros(labels.shape, dtype=bool), np.median(rgb.reshape(-1, 3), axis=0)
+        return scene
     bg, fg = np.median(rgb[labels == background], axis=0), np.median(rgb[labels == colour], axis=0)
     alpha = np.clip((rgb - bg) @ (fg - bg) / max(float((fg - bg) @ (fg - bg)), 1e-6), 0, 1)  # (H, W)
-    scene["mask"] = alpha > 0.5
+    scene["mask"], scene["rgb"] = alpha > 0.5, fg
     area = alpha.sum()
     if area < 1:
         return scene
     ys, xs = np.mgrid[0:side, 0:side] + 0.5
     centroid = np.array([(alpha * xs).sum(), (alpha * ys).sum()]) / area
     candidates = {}
-    for shape, radius, drop in (("circle", np.sqrt(area / np.pi), 0.0), ("square", np.sqrt(area) / 2, 0.0),
-                                ("triangle", np.sqrt(area / 2), 1 / 3)):  # a triangle's centroid is r/3 below centre
+    for shape in shapes:
+        radius_of_area, drop = SHAPE_FITS[shape]
+        radius = radius_of_area(area)
         centre = centroid - np.array([0.0, drop * radius])
         error = np.abs(shape_alpha(shape, tuple(centre), radius, side) - alpha).sum()
         candidates[shape] = (error, radius, centre)
+    scene["fit_errors"] = {shape: float(error / area) for shape, (error, _, _) in candidates.items()}
     scene["shape"] = min(candidates, key=lambda shape: candidates[shape][0])
     _, radius, centre = candidates[scene["shape"]]
     scene["size"] = min(SIZES, key=lambda name: abs(np.log(SIZES[name] * side / radius)))
