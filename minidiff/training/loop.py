@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minidiff.adapters.lora_formats import LORA_WEIGHT_NAME_SAFE
+from minidiff.adapters.textual_inversion import TEXT_INVERSION_NAME_SAFE
 from minidiff.training import checkpoint, plots, train_log
 from minidiff.training.config import LATER_OPTIONS, RESUMABLE_CHANGES, TrainConfig
 from minidiff.training.data import global_batch_indices, load_batch, micro_batch_positions, sample_generators
@@ -28,8 +30,7 @@ from minidiff.training.tasks import build_task
 
 # what a run writes into output_dir (what --overwrite deletes); anything else there is left alone
 RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "loss.png", "samples.png", "model_index.json", "unet", "scheduler",
-               "vae", "text_encoder", "tokenizer", "class_images", "pytorch_lora_weights.safetensors",
-               "learned_embeds.safetensors")
+               "vae", "text_encoder", "tokenizer", "class_images", LORA_WEIGHT_NAME_SAFE, TEXT_INVERSION_NAME_SAFE)
 
 
 def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
