@@ -15,8 +15,9 @@ import torch
 
 from minidiff.builtin import load_builtin_pipeline
 from minidiff.training import train
-from minidiff.training.shapes import (ALL_COLOURS, COLOURS, CONCEPT_SHAPES, POSITIONS, SHAPES, Scene, concept_caption,
-                                      concept_scenes, held_out_concept_prompts, read_scene, render, shape_alpha)
+from minidiff.training.shapes import (ALL_COLOURS, COLOURS, CONCEPT_SHAPES, POSITIONS, RING_MIN_HOLE, SHAPES, Scene,
+                                      concept_caption, concept_scenes, enclosed, held_out_concept_prompts, read_scene,
+                                      render, shape_alpha)
 from tests.training_fixtures import one_thread, tiny_config  # noqa: F401
 
 CANDIDATE_SHAPES = SHAPES + CONCEPT_SHAPES
@@ -46,6 +47,32 @@ def test_a_disc_with_its_hole_filled_is_no_ring():
     image = render(Scene("red", "ring", "big", "center", "blue"))
     image[12:20, 12:20] = COLOURS["red"]
     assert read_scene(image, shapes=CANDIDATE_SHAPES)["shape"] == "circle"
+
+
+def test_enclosed_finds_the_holes_a_mask_closes_and_nothing_open():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1:6, 1:6] = True
+    mask[2:4, 2:4] = False  # a closed hole of 4 pixels
+    mask[4, 4] = False  # and one of 1 pixel (diagonal neighbours do not join it to the first)
+    assert enclosed(mask).sum() == 5 and not enclosed(mask)[0].any()
+    mask[3, 1] = False  # open the first hole to the outside (through row 3, column 1)
+    assert enclosed(mask).sum() == 1 and enclosed(mask)[4, 4]
+
+
+def test_a_ring_with_a_smaller_off_centre_hole_still_reads_as_a_ring():
+    # generated rings come out like this: the band thicker on one side, the hole shrunk by blur
+    alpha = shape_alpha("circle", (16.0, 16.0), 8.0, 32) - shape_alpha("circle", (16.0, 18.0), 3.0, 32)
+    image = (np.array(COLOURS["blue"]) + alpha[..., None] * (np.subtract(COLOURS["red"], COLOURS["blue"])))
+    seen = read_scene(image.round().astype(np.uint8), shapes=CANDIDATE_SHAPES)
+    assert seen["shape"] == "ring" and seen["size"] == "big" and seen["position"] == "center", seen["hole"]
+    assert read_scene(image.round().astype(np.uint8))["shape"] == "circle"  # the dataset's shapes alone
+
+
+def test_a_disc_with_a_pinhole_is_no_ring():
+    image = render(Scene("red", "circle", "big", "center", "blue"))
+    image[16, 16] = COLOURS["blue"]  # an enclosed hole, but far smaller than a ring's
+    seen = read_scene(image, shapes=CANDIDATE_SHAPES)
+    assert seen["shape"] == "circle" and 0 < seen["hole"] < RING_MIN_HOLE
 
 
 def test_teal_reads_as_teal_and_the_palette_as_itself():

@@ -143,15 +143,19 @@ def render(scene: Scene, resolution: int = 32, rng: np.random.Generator | None =
 
 
 def concept_scenes(rng: np.random.Generator, count: int, shapes: tuple[str, ...], colours: tuple[str, ...],
-                   backgrounds: tuple[str, ...], sizes: tuple[str, ...] = tuple(SIZES)) -> list[Scene]:
-    """``count`` scenes drawn uniformly from the given choices (any position; shape and background colours differ):
-    the few training images of a concept, or the held-out scenes it is tested on."""
-    if not any(colour != background for colour in colours for background in backgrounds):
-        raise ValueError(f"colours {colours} and backgrounds {backgrounds} leave no pair of different colours")
+                   backgrounds: tuple[str, ...], sizes: tuple[str, ...] = tuple(SIZES),
+                   exclude: frozenset[tuple[str, str]] = frozenset()) -> list[Scene]:
+    """``count`` scenes drawn uniformly from the given choices (any position; shape and background colours differ,
+    and their pair is not in ``exclude``): the few training images of a concept, or the held-out scenes it is tested
+    on (``exclude`` the training images' pairs)."""
+    if not any(colour != background and (colour, background) not in exclude
+               for colour in colours for background in backgrounds):
+        raise ValueError(f"colours {colours} and backgrounds {backgrounds} leave no pair of different colours "
+                         "outside the excluded ones")
     scenes = []
     while len(scenes) < count:
         colour, background = colours[rng.integers(len(colours))], backgrounds[rng.integers(len(backgrounds))]
-        if colour != background:
+        if colour != background and (colour, background) not in exclude:
             scenes.append(Scene(colour, shapes[rng.integers(len(shapes))], sizes[rng.integers(len(sizes))],
                                 list(POSITIONS)[rng.integers(len(POSITIONS))], background))
     return scenes
@@ -235,9 +239,32 @@ def nearest_colour(pixels: np.ndarray, colours: dict[str, tuple[int, int, int]] 
 
 
 # shape -> (its half-width given its area, how far its centroid lies below its box centre, in half-widths)
+# (a ring is fitted as the disc it makes with its hole filled)
 SHAPE_FITS = {"circle": (lambda area: np.sqrt(area / np.pi), 0.0), "square": (lambda area: np.sqrt(area) / 2, 0.0),
-              "triangle": (lambda area: np.sqrt(area / 2), 1 / 3),
-              "ring": (lambda area: np.sqrt(area / (np.pi * (1 - RING_HOLE ** 2))), 0.0)}
+              "triangle": (lambda area: np.sqrt(area / 2), 1 / 3), "ring": (lambda area: np.sqrt(area / np.pi), 0.0)}
+# A shape is read as a ring when its mask encloses a hole of at least this fraction of the hole a drawn ring of the
+# same outer size has (RING_HOLE ** 2 of its disc): generated rings' holes come out smaller and off-centre, which
+# the template fit alone reads as a disc, while a disc, a square or a triangle encloses none.
+RING_MIN_HOLE = 0.3
+
+
+def enclosed(mask: np.ndarray) -> np.ndarray:
+    """The pixels outside ``mask`` (H, W) bool that no 4-connected path outside it joins to the image border: the
+    holes the shape encloses."""
+    outside = ~mask
+    reached = np.zeros_like(mask)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        reached[edge] = outside[edge]
+    while True:  # flood fill from the border, one pixel per step
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= outside
+        if np.array_equal(grown, reached):
+            return outside & ~reached
+        reached = grown
 
 
 def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SHAPES,
@@ -249,11 +276,15 @@ def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SH
        the 1-pixel border, the shape's colour the commonest other label.
     2. Coverage: each pixel's colour projected on the segment from the background's to the shape's (median) colour,
        ``alpha = <p - bg, fg - bg> / |fg - bg|^2`` clipped to [0, 1]; ``mask`` is ``alpha > 1/2``.
-    3. Shape: for each candidate shape, the coverage of that shape with the measured area and centroid;
-       the one nearest the measured coverage (L1) wins. Its half-width gives the size (nearer of small/big, in log
+    3. Shape: for each candidate shape, the coverage of that shape with the measured area and centroid (a ring's:
+       those of the coverage with its enclosed holes filled); the one nearest the measured coverage (L1) wins,
+       except that a ring (when a candidate) is read exactly when the mask encloses a hole of at least
+       :data:`RING_MIN_HOLE` of a drawn ring's. The winner's half-width gives the size (nearer of small/big, in log
        scale) and its box centre the position (nearest grid cell).
-    Returns those attributes plus ``mask`` (H, W) bool, ``rgb`` (the shape's median colour) and ``fit_errors``
-    (each candidate's L1 error per pixel of area: the smaller, the better that shape explains the coverage).
+    Returns those attributes plus ``mask`` (H, W) bool, ``rgb`` (the shape's median colour), ``fit_errors``
+    (each candidate's L1 error per pixel of area: the smaller, the better that shape explains the coverage) and
+    ``hole`` (the enclosed hole's area over a drawn ring's of the same outer size: about 1 for a ring, 0 for the
+    others).
     """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image)
     if pixels.dtype != np.uint8:
@@ -277,17 +308,25 @@ def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SH
     area = alpha.sum()
     if area < 1:
         return scene
+    hole = enclosed(scene["mask"])
+    filled = np.maximum(alpha, hole)  # (H, W): the coverage with the holes filled
+    scene["hole"] = float(hole.sum() / (RING_HOLE ** 2 * filled.sum()))
     ys, xs = np.mgrid[0:side, 0:side] + 0.5
-    centroid = np.array([(alpha * xs).sum(), (alpha * ys).sum()]) / area
     candidates = {}
     for shape in shapes:
+        coverage = filled if shape == "ring" else alpha
         radius_of_area, drop = SHAPE_FITS[shape]
-        radius = radius_of_area(area)
+        radius = radius_of_area(coverage.sum())
+        centroid = np.array([(coverage * xs).sum(), (coverage * ys).sum()]) / coverage.sum()
         centre = centroid - np.array([0.0, drop * radius])
         error = np.abs(shape_alpha(shape, tuple(centre), radius, side) - alpha).sum()
         candidates[shape] = (error, radius, centre)
     scene["fit_errors"] = {shape: float(error / area) for shape, (error, _, _) in candidates.items()}
-    scene["shape"] = min(candidates, key=lambda shape: candidates[shape][0])
+    solid = [shape for shape in candidates if shape != "ring"]
+    if "ring" in candidates and (scene["hole"] >= RING_MIN_HOLE or not solid):
+        scene["shape"] = "ring"
+    else:
+        scene["shape"] = min(solid, key=lambda shape: candidates[shape][0])
     _, radius, centre = candidates[scene["shape"]]
     scene["size"] = min(SIZES, key=lambda name: abs(np.log(SIZES[name] * side / radius)))
     cells = {name: np.array(xy) * side for name, (_, xy) in POSITIONS.items()}
@@ -295,13 +334,13 @@ def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SH
     return scene
 
 
-def matches(prompt: str, image: np.ndarray | PIL.Image.Image) -> dict[str, bool]:
-    """For each attribute ``prompt`` names, whether :func:`read_scene` finds it in ``image``."""
+def matches(prompt: str, image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SHAPES) -> dict[str, bool]:
+    """For each attribute ``prompt`` names, whether :func:`read_scene` (among ``shapes``) finds it in ``image``."""
     named = parse_prompt(prompt)
     if named is None:
         raise ValueError(f"prompt {prompt!r} is not in the dataset's grammar, e.g. 'a small red circle in the top "
                          "left on a blue background'")
-    seen = read_scene(image)
+    seen = read_scene(image, shapes=shapes)
     return {name: seen.get(name) == value for name, value in named.items()}
 
 
