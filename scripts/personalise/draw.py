@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from minidiff.builtin import load_builtin_pipeline
-from minidiff.training.shapes import HELD_OUT_PAIRS, concept_caption, concept_scenes, random_scene, render
+from minidiff.training.shapes import HELD_OUT_PAIRS, Scene, concept_caption, concept_scenes, random_scene, render
 from scripts.personalise.settings import CLASS, CLASS_IMAGES, CONCEPTS, DATA, THREADS
 
 
@@ -30,12 +30,18 @@ def write_folder(folder: str, images: list, captions: list[str], stem: str) -> N
         handle.write("\n".join(entries) + "\n")
 
 
+def training_scenes(name: str, rng: np.random.Generator) -> list[Scene]:
+    """What the concept's few training images show: the first draws of ``rng`` seeded with the concept's seed."""
+    concept = CONCEPTS[name]
+    return concept_scenes(rng, concept["images"], concept["shapes"], concept["colours"], concept["backgrounds"],
+                          concept["sizes"])
+
+
 def concept_training_set(name: str) -> tuple[list[np.ndarray], list[str]]:
     """The concept's few images (colours jittered) and their captions, the concept named by its new word."""
     concept = CONCEPTS[name]
     rng = np.random.default_rng(concept["seed"])
-    scenes = concept_scenes(rng, concept["images"], concept["shapes"], concept["colours"], concept["backgrounds"],
-                            concept["sizes"])
+    scenes = training_scenes(name, rng)
     images = [render(scene, 32, rng) for scene in scenes]
     return images, [concept_caption(scene.random_caption(rng), concept["words"]) for scene in scenes]
 

@@ -20,6 +20,7 @@ from minidiff.builtin import load_builtin_pipeline
 from minidiff.training.shapes import (ALL_COLOURS, CONCEPT_SHAPES, SHAPES, concept_scenes, held_out_concept_prompts,
                                       held_out_prompts, read_scene)
 from scripts.builtin.evaluate import prompt_match
+from scripts.personalise.draw import training_scenes
 from scripts.personalise.settings import (CONCEPTS, GUIDANCE, HELD_OUT_PROMPTS, OLD_VOCABULARY_PROMPTS, RESULTS, RUNS,
                                           RUNS_CONFIG, SEED, STEPS, THREADS)
 
@@ -44,11 +45,13 @@ def load_run(name: str, folder: str | None = None):
 
 
 def concept_prompts(concept: str) -> list[tuple[str, dict]]:
-    """The held-out prompts of ``concept``: only colours and backgrounds its training images never use."""
+    """The held-out prompts of ``concept``: its held-out colours and backgrounds, never a (colour, background) pair
+    one of its training images shows."""
     c = CONCEPTS[concept]
+    shown = frozenset((s.colour, s.background) for s in training_scenes(concept, np.random.default_rng(c["seed"])))
     rng = np.random.default_rng(1)
     scenes = concept_scenes(rng, HELD_OUT_PROMPTS, c["shapes"], c["held_out_colours"], c["held_out_backgrounds"],
-                            c["sizes"])
+                            c["sizes"], exclude=shown)
     return held_out_concept_prompts(scenes, c["words"])
 
 
@@ -86,7 +89,7 @@ def evaluate(name: str, folder: str | None = None) -> dict:
     report = {}
     for concept in concepts:
         report[concept] = concept_match(pipe, concept)
-    old = prompt_match(pipe, held_out_prompts(OLD_VOCABULARY_PROMPTS))
+    old = prompt_match(pipe, held_out_prompts(OLD_VOCABULARY_PROMPTS), shapes=SHAPES + CONCEPT_SHAPES)
     report["old_vocabulary"] = {k: old[k] for k in ("fraction", "per_attribute")}
     return report
 
