@@ -1,5 +1,5 @@
 """Every setting of the personalisation demonstration: teach the built-in model (``minidiff/weights/tiny-shapes``)
-concepts its training never showed, from a dozen procedurally drawn images, with each of minidiff's methods.
+concepts its training never showed, from 12-16 procedurally drawn images, with each of minidiff's methods.
 
 Run from the repository root (each step seeded; one CPU thread per run):
 
@@ -11,13 +11,18 @@ Run from the repository root (each step seeded; one CPU thread per run):
 
 The concepts (drawn by ``minidiff.training.shapes``; no training image of the built-in model shows them):
 
-- ``ring`` under the new word "sks" ("a red sks on a black background"): LoRA and DreamBooth. Always big: at the
-  small size (a hole 5 px across) the built-in VAE itself fills the hole. (A five-pointed star was tried first:
+- ``ring`` under the new word "sks" ("a red sks on a black background"): LoRA and DreamBooth. Always big: a small
+  ring's hole is 5 px across and survives the VAE's round trip in only 90% of images, and a trial run on both sizes
+  learned the ring less (41% of held-out prompts against 87.5%). (A five-pointed star was tried first:
   its tips are too fine for the 16x16 latents; the runs drew blobs the pixel measure read as circles or squares.)
 - ``teal`` under the new token "<teal>" ("a <teal> circle on a blue background"): textual inversion.
 
-The few training images use some colours and backgrounds; the held-out prompts use only the others, so each one
-combines the concept with colours it was never shown with.
+Each held-out prompt combines the concept with a (colour, background) pair none of its few training images shows:
+for the ring, 16 images show 14 of the 56 pairs and the prompts draw from the other 42; teal is only ever shown on
+four backgrounds and asked for on the other four.
+
+The ring is read from pixels as a shape whose mask encloses a hole (``read_scene``, ``RING_MIN_HOLE``): the
+built-in model as shipped draws no enclosed hole in any of 160 images of its own vocabulary and the ring prompts.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ THREADS = 1  # one core per run (faster than two for a model this small, and the
 # ---- concepts: minidiff.training.shapes.concept_scenes, held_out_concept_prompts ---------------------------------
 CONCEPTS = {
     "ring": dict(
-        words={"ring": "sks"}, shapes=("ring",), sizes=("big",), images=12, seed=0,
-        colours=("red", "yellow", "white", "blue"), backgrounds=("black", "green", "purple", "orange"),
-        held_out_colours=("orange", "green", "purple", "black"), held_out_backgrounds=tuple(COLOURS),
+        words={"ring": "sks"}, shapes=("ring",), sizes=("big",), images=16, seed=0,
+        colours=tuple(COLOURS), backgrounds=tuple(COLOURS),
+        held_out_colours=tuple(COLOURS), held_out_backgrounds=tuple(COLOURS),
     ),
     "teal": dict(
         words={"teal": "<teal>"}, shapes=SHAPES, sizes=("small", "big"), images=12, seed=0,
@@ -65,11 +70,20 @@ PRIOR = dict(with_prior_preservation=True, class_prompt="a red circle on a blue 
              num_class_images=CLASS["count"] + CLASS["unconditional"], prior_loss_weight=1.0)
 COMMON = dict(train_batch_size=8, random_flip=False, lr_warmup_steps=20, lr_scheduler="constant",
               checkpointing_steps=10_000, num_sample_images=0, progress=False, seed=0)
+# A new shape needs more than the attention projections of train_text_to_image_lora.py's default targets: the
+# resnets' convolutions, the transformers' projections and feed-forwards get adapters too (rank 16). In trial runs
+# (300-400 steps, no prior) the ring appeared on 34% of held-out prompts with rank 8 on the attention alone, 69%
+# with these; rank 64 or 700 steps did no better (62%, 59%)
+SHAPE_LORA = dict(lora_rank=16, lora_target_modules=("to_k", "to_q", "to_v", "to_out.0", "conv1", "conv2", "proj_in",
+                                                     "proj_out", "ff.net.0.proj", "ff.net.2"), learning_rate=1e-3)
 RUNS_CONFIG = {
-    "lora": dict(concept="ring", method="lora", lora_rank=8, learning_rate=1e-3, max_train_steps=300),
-    "dreambooth-lora": dict(concept="ring", method="dreambooth", use_lora=True, lora_rank=8, learning_rate=1e-3,
-                            max_train_steps=700, **PRIOR),
-    "dreambooth": dict(concept="ring", method="dreambooth", learning_rate=2e-4, max_train_steps=300, **PRIOR),
+    "lora": dict(concept="ring", method="lora", max_train_steps=400, **SHAPE_LORA),
+    "dreambooth-lora": dict(concept="ring", method="dreambooth", use_lora=True, max_train_steps=400, **SHAPE_LORA,
+                            **PRIOR),
+    # the weights' moving average keeps more of the old vocabulary than the last step's weights (75% against 61%)
+    # for about the same ring rate (25% against 28%)
+    "dreambooth": dict(concept="ring", method="dreambooth", learning_rate=2e-4, max_train_steps=300, use_ema=True,
+                       **PRIOR),
     "dreambooth-no-prior": dict(concept="ring", method="dreambooth", learning_rate=2e-4, max_train_steps=300),
     "textual-inversion": dict(concept="teal", method="textual-inversion", placeholder_token="<teal>",
                               initializer_token="green", learning_rate=1e-2, max_train_steps=400),
