@@ -33,6 +33,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from minidiff.pipelines.conditions import reachable
+
 COLOURS = {
     "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 50), "green": (40, 160, 60),
     "blue": (40, 80, 220), "purple": (140, 60, 190), "white": (240, 240, 240), "black": (25, 25, 25),
@@ -251,20 +253,9 @@ RING_MIN_HOLE = 0.3
 def enclosed(mask: np.ndarray) -> np.ndarray:
     """The pixels outside ``mask`` (H, W) bool that no 4-connected path outside it joins to the image border: the
     holes the shape encloses."""
-    outside = ~mask
-    reached = np.zeros_like(mask)
-    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
-        reached[edge] = outside[edge]
-    while True:  # flood fill from the border, one pixel per step
-        grown = reached.copy()
-        grown[1:] |= reached[:-1]
-        grown[:-1] |= reached[1:]
-        grown[:, 1:] |= reached[:, :-1]
-        grown[:, :-1] |= reached[:, 1:]
-        grown &= outside
-        if np.array_equal(grown, reached):
-            return outside & ~reached
-        reached = grown
+    border = np.zeros_like(mask)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    return ~mask & ~reachable(border, ~mask)
 
 
 def read_scene(image: np.ndarray | PIL.Image.Image, shapes: tuple[str, ...] = SHAPES,
