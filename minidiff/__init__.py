@@ -22,6 +22,7 @@ _EXPORTS = {
         "DiffusionPipeline", "DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline",
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionInstructPix2PixPipeline", "StableDiffusionDepth2ImgPipeline",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

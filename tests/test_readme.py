@@ -427,7 +427,13 @@ def placeholder_files(builtin_pipe, tmp_path_factory) -> tuple[dict[str, str], s
     minidiff.StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder / "sdxl")
     minidiff.StableDiffusionXLImg2ImgPipeline(**tiny_sdxl_components(refiner=True, seed=1),
                                               requires_aesthetics_score=True).save_pretrained(folder / "refiner")
+    for name, pipeline_class, channels in (("pix2pix", minidiff.StableDiffusionInstructPix2PixPipeline, 8),
+                                           ("depth", minidiff.StableDiffusionDepth2ImgPipeline, 5)):
+        torch.manual_seed(0)  # a random UNet with the extra input channels beside the built-in components
+        unet = minidiff.UNet2DConditionModel.from_config(builtin_pipe.unet.config, in_channels=channels)
+        pipeline_class(**{**builtin_pipe.components, "unet": unet}).save_pretrained(folder / name)
     folders = {"path/to/stable-diffusion-v1-5": builtin_model_folder(), "path/to/sd-folder": builtin_model_folder(),
+               "path/to/instruct-pix2pix": str(folder / "pix2pix"), "path/to/sd-2-depth": str(folder / "depth"),
                "runs/shapes": str(folder / "ddpm"), "path/to/sdxl-base": str(folder / "sdxl"),
                "path/to/sdxl-turbo": str(folder / "sdxl"), "path/to/sdxl-refiner": str(folder / "refiner")}
     return folders, single_file

@@ -20,6 +20,16 @@ def check_strength(strength: float) -> None:
     check_number("strength", strength, low=0.0, high=1.0)
 
 
+def repeat_to_batch(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """``tensor`` (n, ...) tiled to (batch, ...) as diffusers does (``cat([x] * (batch // n))``: entries cycle
+    0, 1, .., n-1, 0, 1, ..); n must divide ``batch``."""
+    count = tensor.shape[0]
+    if count > batch or batch % count:
+        raise ValueError(f"{name} has {count} entries, which cannot be spread over a batch of {batch} images "
+                         f"(prompts x num_images_per_prompt); pass 1 {name} or one per prompt")
+    return tensor.repeat(batch // count, *([1] * (tensor.ndim - 1)))
+
+
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """Text-guided image to image."""
 
@@ -55,6 +65,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
         return timesteps
+
+    def noised_image_latents(self, pixels: torch.Tensor, timesteps: torch.Tensor, batch: int, generator):
+        """x_t at the first kept timestep: the image latents noised by ``scheduler.add_noise`` (DDPM Eq. 4,
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps); draws the posterior samples, then eps, as diffusers does."""
+        clean = self.encode_image_latents(pixels, batch, generator)  # (B, 4, H/8, W/8)
+        noise = randn_tensor(clean.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
+        return self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))
 
     @torch.no_grad()
     def __call__(
@@ -93,9 +110,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.strength_timesteps(num_inference_steps, strength)
-        clean = self.encode_image_latents(pixels, batch, generator)
-        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=text.dtype)
-        latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(batch))  # x_t at the first kept step
+        latents = self.noised_image_latents(pixels, timesteps, batch, generator)
         step_kwargs = self.step_kwargs(generator, eta)
 
         for i, t in enumerate(self.progress_bar(timesteps)):

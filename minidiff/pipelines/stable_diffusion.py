@@ -63,7 +63,8 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
                              "pooled text and size conditioning); load the folder with StableDiffusionXLPipeline (or "
                              "the SDXL img2img/inpaint pipelines)")
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._normalize_scheduler_config(scheduler)
+        if self.corrects_scheduler_config:
+            self._normalize_scheduler_config(scheduler)
         if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
             warnings.warn(f"tokenizer.model_max_length is {tokenizer.model_max_length} but the text encoder has "
                           f"{text_encoder.config.max_position_embeddings} positions (max_position_embeddings); "
@@ -73,6 +74,9 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     def prompt_length(self) -> int:
         """Tokens per prompt: the tokenizer's model_max_length, bounded by the text encoder's positions."""
         return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    # diffusers' depth2img and InstructPix2Pix pipelines use the scheduler config as saved; the others correct it
+    corrects_scheduler_config = True
 
     @staticmethod
     def _normalize_scheduler_config(scheduler) -> None:
