@@ -15,7 +15,7 @@ _EXPORTS = {
         "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
         "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "SchedulerOutput",
     ),
-    "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel",
+    "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "ControlNetModel", "AutoencoderKL", "CLIPTextModel",
                         "CLIPTextModelWithProjection"),
     "minidiff.text": ("CLIPTokenizer",),
     "minidiff.pipelines": (

@@ -39,8 +39,8 @@ from minidiff.models.unet_blocks import (
     ResnetOptions,
     UNetMidBlock2D,
     check_block_type,
-    get_down_block,
     get_up_block,
+    make_down_blocks,
     run_unet_blocks,
 )
 from minidiff.outputs import BaseOutput
@@ -152,11 +152,7 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
         """``down_blocks``/``up_blocks`` from the config; ``*_options[i]`` are the per-level extras of block i."""
         channels = list(self.config.block_out_channels)
         last = len(channels) - 1
-        self.down_blocks = nn.ModuleList(
-            get_down_block(block_type, in_channels=channels[max(i - 1, 0)], out_channels=channels[i],
-                           add_downsample=i < last, resnet=resnet, **down_options[i])
-            for i, block_type in enumerate(self.config.down_block_types)
-        )
+        self.down_blocks = make_down_blocks(self.config.down_block_types, channels, resnet, down_options)
         reversed_channels = channels[::-1]
         self.up_blocks = nn.ModuleList(
             get_up_block(block_type, in_channels=reversed_channels[min(i + 1, last)],

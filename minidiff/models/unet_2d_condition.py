@@ -6,9 +6,11 @@ the text encoder's hidden states (``encoder_hidden_states``, LDM Eq. 1 with K, V
 SDXL (Podell et al. 2023, Sec. 2.1-2.2) is the same network with deeper transformers (``transformer_layers_per_block``)
 and one more conditioning path, ``addition_embed_type="text_time"``: the pooled text embedding and the size/crop
 "micro-conditioning" numbers (``added_cond_kwargs={"text_embeds", "time_ids"}``) are embedded and added to the time
-embedding. Config fields and state_dict keys are diffusers' ones; fields of diffusers' config that select features
-minidiff does not implement (Kandinsky's projections, LCM's timestep_cond, ...) are accepted at their default value
-and rejected with a ValueError otherwise.
+embedding. A ControlNet (minidiff.models.controlnet) is a copy of this UNet's encoder half, built by the same code
+(``TextConditionedEncoderMixin``, ``level_options``, ``make_mid_block``); its residuals enter ``forward`` as
+``down_block_additional_residuals`` / ``mid_block_additional_residual``. Config fields and state_dict keys are
+diffusers' ones; fields of diffusers' config that select features minidiff does not implement (Kandinsky's
+projections, LCM's timestep_cond, ...) are accepted at their default value and rejected with a ValueError otherwise.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ from minidiff.models.embeddings import (
     check_class_embedding,
     make_class_embedding,
 )
-from minidiff.models.resnet import get_activation
+from minidiff.models.resnet import activate_temporary, get_activation
 from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_common_config
-from minidiff.models.unet_blocks import CrossAttentionOptions, ResnetOptions, UNetMidBlock2D, UNetMidBlock2DCrossAttn
+from minidiff.models.unet_blocks import (
+    CrossAttentionOptions,
+    ResnetOptions,
+    UNetMidBlock2D,
+    UNetMidBlock2DCrossAttn,
+    run_unet_blocks,
+)
 from minidiff.outputs import BaseOutput
 
 # config fields whose other values select features minidiff does not implement: field -> accepted values
@@ -127,7 +135,7 @@ def level_settings(c: UNet2DConditionConfig) -> dict[str, list]:
     )
 
 
-def _lora_scale(cross_attention_kwargs: dict | None) -> float | None:
+def lora_scale_of(cross_attention_kwargs: dict | None, owner: str = "UNet2DConditionModel") -> float | None:
     """The LoRA ``scale`` of ``cross_attention_kwargs``, the one key minidiff's attention takes."""
     if cross_attention_kwargs is None:
         return None
@@ -136,7 +144,7 @@ def _lora_scale(cross_attention_kwargs: dict | None) -> float | None:
                          f"{type(cross_attention_kwargs).__name__}")
     unknown = sorted(map(str, set(cross_attention_kwargs) - {"scale"}))
     if unknown:
-        raise ValueError(f"cross_attention_kwargs {unknown} are not supported by minidiff's UNet2DConditionModel; "
+        raise ValueError(f"cross_attention_kwargs {unknown} are not supported by minidiff's {owner}; "
                          "the accepted key is 'scale' (the LoRA scale)")
     return cross_attention_kwargs.get("scale")
 
@@ -145,23 +153,54 @@ def _is_pixel_attention(block_type: str) -> bool:
     return block_type.removeprefix("UNetRes") in ("AttnDownBlock2D", "AttnUpBlock2D")
 
 
-class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
-    """Text-conditioned denoising UNet: ``unet(sample, timestep, encoder_hidden_states).sample``.
+def level_options(c: UNet2DConditionConfig) -> tuple[list[dict], list[dict]]:
+    """The per-block extras of ``get_down_block`` (down block i) and ``get_up_block`` (up block i)."""
+    channels, levels = list(c.block_out_channels), len(c.block_out_channels)
+    settings = level_settings(c)
+    heads, head_dims, cross_dims, layers = (settings[key] for key in ("heads", "head_dims", "cross_dims", "layers"))
+    depths, up_depths, only_cross = settings["depths"], settings["up_depths"], settings["only_cross"]
 
-    Naming quirk kept from diffusers: ``attention_head_dim`` is the number of heads of each level's
-    Transformer2DModels (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. heads of 64 channels); ``num_attention_heads``,
-    when set, overrides it (diffusers 0.42 itself refuses configs that set it). The mid block uses the last entry.
-    """
+    def level(i: int, down: bool) -> dict:
+        j = i if down else levels - 1 - i  # up block i sits at the level of down block levels-1-i
+        cross = CrossAttentionOptions(
+            heads[j], cross_dims[j], depths[j] if down else up_depths[i], c.use_linear_projection,
+            only_cross[j], c.upcast_attention,
+        )
+        return dict(num_layers=layers[j] + (0 if down else 1), cross=cross,
+                    # diffusers indexes head sizes of up blocks by i, not reversed (only Attn*Block2D use them)
+                    attention_head_dim=head_dims[i] if head_dims[i] is not None else channels[j],
+                    resnet_skip_time_act=c.resnet_skip_time_act, resnet_out_scale_factor=c.resnet_out_scale_factor)
 
-    config_class = UNet2DConditionConfig
+    down = [dict(level(i, True), downsample_padding=c.downsample_padding) for i in range(levels)]
+    return down, [level(i, False) for i in range(levels)]
 
-    def __init__(self, **kwargs: Any):
-        super().__init__()
-        c = self.register_config(kwargs)
-        self._check_config(c)
+
+def make_mid_block(c: UNet2DConditionConfig, resnet: ResnetOptions) -> nn.Module | None:
+    """The mid block of ``mid_block_type`` at the lowest level (heads, cross width and depth of the last level)."""
+    channels, settings = list(c.block_out_channels), level_settings(c)
+    mid_resnet = dataclasses.replace(resnet, output_scale_factor=c.mid_block_scale_factor)
+    if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+        cross = CrossAttentionOptions(settings["heads"][-1], settings["cross_dims"][-1], settings["depths"][-1],
+                                      c.use_linear_projection, upcast_attention=c.upcast_attention)
+        return UNetMidBlock2DCrossAttn(channels[-1], mid_resnet, cross)
+    if c.mid_block_type == "UNetMidBlock2D":
+        return UNetMidBlock2D(channels[-1], mid_resnet, add_attention=False, num_layers=0)
+    return None
+
+
+class TextConditionedEncoderMixin:
+    """What UNet2DConditionModel and ControlNetModel share: the input convolution, the time / class / SDXL added
+    embeddings and the checks of the conditioning inputs. ``encoder_config`` is the UNet2DConditionConfig these
+    are built from (the ControlNet's is derived from its own config, see minidiff.models.controlnet)."""
+
+    @property
+    def encoder_config(self) -> UNet2DConditionConfig:
+        return self.config
+
+    def _build_embeddings(self, c: UNet2DConditionConfig) -> ResnetOptions:
+        """``conv_in``, ``time_proj``, ``time_embedding``, ``class_embedding``, SDXL's ``add_time_proj`` /
+        ``add_embedding`` and ``time_embed_act``; returns the resnet options of the blocks (their time width)."""
         channels = list(c.block_out_channels)
-        levels = len(channels)
-
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=c.conv_in_kernel,
                                  padding=(c.conv_in_kernel - 1) // 2)
         if c.time_embedding_type == "fourier":
@@ -186,38 +225,124 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
 
         # the resnets see the time embedding, concatenated with the class embedding if class_embeddings_concat
         blocks_time_embed_dim = 2 * time_embed_dim if c.class_embeddings_concat else time_embed_dim
-        resnet = ResnetOptions(temb_channels=blocks_time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
-                               act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
-        settings = level_settings(c)
-        heads, head_dims, cross_dims, layers = (settings[key] for key in ("heads", "head_dims", "cross_dims", "layers"))
-        depths, up_depths, only_cross = settings["depths"], settings["up_depths"], settings["only_cross"]
+        return ResnetOptions(temb_channels=blocks_time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
+                             act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
 
-        def level(i: int, down: bool) -> dict:
-            j = i if down else levels - 1 - i  # up block i sits at the level of down block levels-1-i
-            cross = CrossAttentionOptions(
-                heads[j], cross_dims[j], depths[j] if down else up_depths[i], c.use_linear_projection,
-                only_cross[j], c.upcast_attention,
+    def _check_encoder_hidden_states(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
+        dims = sorted({m.cross_attention_dim for m in self.attention_modules() if m.is_cross_attention})
+        if not dims:
+            return
+        if encoder_hidden_states is None:
+            raise ValueError(f"this {type(self).__name__} cross-attends to text: pass encoder_hidden_states "
+                             f"of shape (B, tokens, {dims[0]})")
+        if not torch.is_tensor(encoder_hidden_states):
+            raise ValueError(f"encoder_hidden_states must be a tensor (B, tokens, {dims[0]}), "
+                             f"got {type(encoder_hidden_states).__name__}")
+        shape = tuple(encoder_hidden_states.shape)
+        if encoder_hidden_states.ndim != 3 or shape[-1] not in dims or shape[0] != sample.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must have shape (B={sample.shape[0]}, tokens, cross_attention_dim="
+                f"{dims[0] if len(dims) == 1 else dims}), got {shape}"
             )
-            return dict(num_layers=layers[j] + (0 if down else 1), cross=cross,
-                        # diffusers indexes head sizes of up blocks by i, not reversed (only Attn*Block2D use them)
-                        attention_head_dim=head_dims[i] if head_dims[i] is not None else channels[j],
-                        resnet_skip_time_act=c.resnet_skip_time_act, resnet_out_scale_factor=c.resnet_out_scale_factor)
+        if shape[1] == 0:
+            raise ValueError(f"encoder_hidden_states of shape {shape} hold no tokens; pass at least one")
+        check_input_dtype("encoder_hidden_states", encoder_hidden_states, self.dtype)
 
-        self._build_blocks(
-            resnet,
-            [dict(level(i, True), downsample_padding=c.downsample_padding) for i in range(levels)],
-            [level(i, False) for i in range(levels)],
-        )
-        mid_resnet = dataclasses.replace(resnet, output_scale_factor=c.mid_block_scale_factor)
-        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
-            cross = CrossAttentionOptions(heads[-1], cross_dims[-1], depths[-1], c.use_linear_projection,
-                                          upcast_attention=c.upcast_attention)
-            self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], mid_resnet, cross)
-        elif c.mid_block_type == "UNetMidBlock2D":
-            self.mid_block = UNetMidBlock2D(channels[-1], mid_resnet, add_attention=False, num_layers=0)
-        else:
-            self.mid_block = None
+    def _check_added_cond_kwargs(self, added_cond_kwargs: dict | None, sample: torch.Tensor) -> None:
+        """A ``text_time`` UNet needs ``text_embeds (B, P)`` and ``time_ids (B, n)`` that fill its add_embedding's
+        input; other UNets take none (None or an empty dict)."""
+        c = self.encoder_config
+        if c.addition_embed_type != "text_time":
+            if added_cond_kwargs is not None and not (isinstance(added_cond_kwargs, dict) and not added_cond_kwargs):
+                shown = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else \
+                    type(added_cond_kwargs).__name__
+                raise ValueError(f"added_cond_kwargs={shown} given, but this {type(self).__name__} has no added "
+                                 "conditioning (addition_embed_type=None, an SD 1.x/2.x UNet); pass None, or use an "
+                                 "SDXL UNet (addition_embed_type='text_time')")
+            return
+        width, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
+        example = f'added_cond_kwargs={{"text_embeds": (B, P), "time_ids": (B, n)}} with P + n * {per_id} = {width}'
+        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            given = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else added_cond_kwargs
+            raise ValueError(f"this SDXL {type(self).__name__} (addition_embed_type='text_time') needs {example} "
+                             f"(the SDXL pipelines pass the pooled text embedding and the size/crop ids); got {given}")
+        unknown = sorted(set(added_cond_kwargs) - {"text_embeds", "time_ids"})
+        if unknown:
+            raise ValueError(f"added_cond_kwargs {unknown} are not used by a text_time UNet; pass only "
+                             "'text_embeds' and 'time_ids'")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        batch = sample.shape[0]
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
+                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"added_cond_kwargs[{name!r}] must be a 2-D tensor with the batch of sample "
+                                 f"(B={batch}, ...), got {got}; {example}")
+            if name == "text_embeds" and not value.is_floating_point():  # time ids may be ints: sizes, crops
+                raise ValueError(f"added_cond_kwargs[{name!r}] must be a floating-point tensor, got {value.dtype}")
+        got = text_embeds.shape[1] + time_ids.shape[1] * per_id
+        if got != width:
+            ids = (width - text_embeds.shape[1]) / per_id
+            wanted = f"{int(ids)} time ids" if ids == int(ids) and ids >= 0 else "another text_embeds width"
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * {per_id} = {got} features, but add_embedding takes "
+                f"projection_class_embeddings_input_dim={width}: with this text_embeds width pass {wanted} "
+                "(SDXL base: 6 = original size, crop top-left, target size; refiner: 5 = original size, crop, "
+                "aesthetic score)"
+            )
 
+    def _text_time_embedding(self, added_cond_kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's added embedding (Podell et al. 2023, Sec. 2.2): each time id (sizes, crop, aesthetic score) gets
+        the sinusoidal features of a timestep, concatenated after the pooled text embedding, then an MLP."""
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]  # (B, P), (B, n)
+        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * n, addition_time_embed_dim)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n * addition_time_embed_dim)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, time_embed_dim)
+
+    def _check_conditioning(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                            added_cond_kwargs: dict | None, timestep_cond: torch.Tensor | None) -> None:
+        if timestep_cond is not None:
+            raise ValueError(f"timestep_cond is not supported by minidiff's {type(self).__name__} (no LCM "
+                             "time_cond_proj_dim); pass None")
+        self._check_sample(sample)
+        self._check_encoder_hidden_states(sample, encoder_hidden_states)
+        self._check_added_cond_kwargs(added_cond_kwargs, sample)
+
+    def _embed(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None,
+               added_cond_kwargs: dict | None) -> torch.Tensor:
+        """The embedding every resnet sees (B, time_embed_dim): MLP(sinusoids of t) + class and SDXL embeddings."""
+        c = self.encoder_config
+        timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
+        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
+        class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
+        if c.addition_embed_type == "text_time":
+            emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)  # (B, time_embed_dim)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        return emb
+
+
+class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditionLoadersMixin):
+    """Text-conditioned denoising UNet: ``unet(sample, timestep, encoder_hidden_states).sample``.
+
+    Naming quirk kept from diffusers: ``attention_head_dim`` is the number of heads of each level's
+    Transformer2DModels (SD 1.x: 8; SD 2.x: [5, 10, 20, 20], i.e. heads of 64 channels); ``num_attention_heads``,
+    when set, overrides it (diffusers 0.42 itself refuses configs that set it). The mid block uses the last entry.
+    """
+
+    config_class = UNet2DConditionConfig
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        c = self.register_config(kwargs)
+        self._check_config(c)
+        resnet = self._build_embeddings(c)
+        self._build_blocks(resnet, *level_options(c))
+        self.mid_block = make_mid_block(c, resnet)
+
+        channels = list(c.block_out_channels)
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_act = get_activation(c.act_fn)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=c.conv_out_kernel,
@@ -304,76 +429,67 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
                     fail(key, c[key], f"block {i} has {needed} resnet layer(s) but {len(depths[i])} depth(s)",
                          f"give block {i} one depth per resnet layer ({needed})")
 
-    def _check_encoder_hidden_states(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
-        dims = sorted({m.cross_attention_dim for m in self.attention_modules() if m.is_cross_attention})
-        if not dims:
-            return
-        if encoder_hidden_states is None:
-            raise ValueError(f"this UNet2DConditionModel cross-attends to text: pass encoder_hidden_states "
-                             f"of shape (B, tokens, {dims[0]})")
-        if not torch.is_tensor(encoder_hidden_states):
-            raise ValueError(f"encoder_hidden_states must be a tensor (B, tokens, {dims[0]}), "
-                             f"got {type(encoder_hidden_states).__name__}")
-        shape = tuple(encoder_hidden_states.shape)
-        if encoder_hidden_states.ndim != 3 or shape[-1] not in dims or shape[0] != sample.shape[0]:
-            raise ValueError(
-                f"encoder_hidden_states must have shape (B={sample.shape[0]}, tokens, cross_attention_dim="
-                f"{dims[0] if len(dims) == 1 else dims}), got {shape}"
-            )
-        if shape[1] == 0:
-            raise ValueError(f"encoder_hidden_states of shape {shape} hold no tokens; pass at least one")
-        check_input_dtype("encoder_hidden_states", encoder_hidden_states, self.dtype)
+    def _skip_shapes(self, sample: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each skip tensor the down blocks leave for the up blocks: conv_in's output, then each
+        resnet layer's and each downsampler's output. A ControlNet's ``down_block_res_samples`` match these."""
+        channels = list(self.config.block_out_channels)
+        size = tuple(sample.shape[-2:])
+        shapes = [(channels[0], *size)]
+        for i, block in enumerate(self.down_blocks):
+            shapes += [(channels[i], *size)] * len(block.resnets)
+            if block.downsamplers is not None:
+                size = self._downsampled(block, size)
+                shapes.append((channels[i], *size))
+        return shapes
 
-    def _check_added_cond_kwargs(self, added_cond_kwargs: dict | None, sample: torch.Tensor) -> None:
-        """A ``text_time`` UNet needs ``text_embeds (B, P)`` and ``time_ids (B, n)`` that fill its add_embedding's
-        input; other UNets take none (None or an empty dict)."""
-        c = self.config
-        if c.addition_embed_type != "text_time":
-            if added_cond_kwargs is not None and not (isinstance(added_cond_kwargs, dict) and not added_cond_kwargs):
-                shown = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else \
-                    type(added_cond_kwargs).__name__
-                raise ValueError(f"added_cond_kwargs={shown} given, but this UNet2DConditionModel has no added "
-                                 "conditioning (addition_embed_type=None, an SD 1.x/2.x UNet); pass None, or use an "
-                                 "SDXL UNet (addition_embed_type='text_time')")
+    def _check_residuals(self, sample: torch.Tensor, down_residuals: Any, mid_residual: Any) -> None:
+        """ControlNet residuals: both or neither; one per skip tensor, each of the skip's shape (B, C, h, w), or
+        (B, C, 1, 1) as a ``global_pool_conditions`` ControlNet gives (broadcast over the map, as in diffusers)."""
+        if down_residuals is None and mid_residual is None:
             return
-        width, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
-        example = f'added_cond_kwargs={{"text_embeds": (B, P), "time_ids": (B, n)}} with P + n * {per_id} = {width}'
-        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
-            given = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else added_cond_kwargs
-            raise ValueError(f"this SDXL UNet2DConditionModel (addition_embed_type='text_time') needs {example} "
-                             f"(the SDXL pipelines pass the pooled text embedding and the size/crop ids); got {given}")
-        unknown = sorted(set(added_cond_kwargs) - {"text_embeds", "time_ids"})
-        if unknown:
-            raise ValueError(f"added_cond_kwargs {unknown} are not used by a text_time UNet; pass only "
-                             "'text_embeds' and 'time_ids'")
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        if down_residuals is None or mid_residual is None:
+            given, missing = (("down_block_additional_residuals", "mid_block_additional_residual")
+                              if mid_residual is None else
+                              ("mid_block_additional_residual", "down_block_additional_residuals"))
+            raise ValueError(f"{given} was given without {missing}: pass both (a ControlNet's down_block_res_samples "
+                             "and mid_block_res_sample) or neither; T2I-Adapter intrablock residuals are not supported")
+        shapes = self._skip_shapes(sample)
+        if not isinstance(down_residuals, (list, tuple)) or len(down_residuals) != len(shapes):
+            count = len(down_residuals) if isinstance(down_residuals, (list, tuple)) else type(down_residuals).__name__
+            raise ValueError(f"down_block_additional_residuals must be a tuple of {len(shapes)} tensors (one per "
+                             f"down-block residual of this UNet: conv_in, each resnet layer and each downsampler), "
+                             f"got {count}; use a ControlNet built from this UNet's config (ControlNetModel.from_unet)")
+        mid_size = shapes[-1][1:]  # the last level's size (its block has no downsampler)
+        expected = [(f"down_block_additional_residuals[{i}]", r, s) for i, (r, s) in enumerate(zip(down_residuals,
+                                                                                                    shapes))]
+        expected.append(("mid_block_additional_residual", mid_residual, (self.config.block_out_channels[-1],
+                                                                        *mid_size)))
         batch = sample.shape[0]
-        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
-            if not torch.is_tensor(value) or value.ndim != 2 or value.shape[0] != batch:
-                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"added_cond_kwargs[{name!r}] must be a 2-D tensor with the batch of sample "
-                                 f"(B={batch}, ...), got {got}; {example}")
-            if name == "text_embeds" and not value.is_floating_point():  # time ids may be ints: sizes, crops
-                raise ValueError(f"added_cond_kwargs[{name!r}] must be a floating-point tensor, got {value.dtype}")
-        got = text_embeds.shape[1] + time_ids.shape[1] * per_id
-        if got != width:
-            ids = (width - text_embeds.shape[1]) / per_id
-            wanted = f"{int(ids)} time ids" if ids == int(ids) and ids >= 0 else "another text_embeds width"
-            raise ValueError(
-                f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
-                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * {per_id} = {got} features, but add_embedding takes "
-                f"projection_class_embeddings_input_dim={width}: with this text_embeds width pass {wanted} "
-                "(SDXL base: 6 = original size, crop top-left, target size; refiner: 5 = original size, crop, "
-                "aesthetic score)"
-            )
+        for name, residual, (channels, height, width) in expected:
+            if not torch.is_tensor(residual):
+                raise ValueError(f"{name} must be a tensor of shape ({batch}, {channels}, {height}, {width}), "
+                                 f"got {type(residual).__name__}")
+            shape = tuple(residual.shape)
+            if residual.ndim != 4 or shape[0] not in (1, batch) or shape[1] != channels or \
+                    shape[2:] not in ((height, width), (1, 1)):
+                raise ValueError(
+                    f"{name} has shape {shape} but the UNet expects ({batch}, {channels}, {height}, {width}) (or "
+                    f"({batch}, {channels}, 1, 1) from a global_pool_conditions ControlNet) for sample "
+                    f"{tuple(sample.shape)}; the ControlNet must share this UNet's block_out_channels, "
+                    "layers_per_block and down_block_types, and take a sample of the same size"
+                )
+            check_input_dtype(name, residual, self.dtype)
 
-    def _text_time_embedding(self, added_cond_kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
-        """SDXL's added embedding (Podell et al. 2023, Sec. 2.2): each time id (sizes, crop, aesthetic score) gets
-        the sinusoidal features of a timestep, concatenated after the pooled text embedding, then an MLP."""
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]  # (B, P), (B, n)
-        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * n, addition_time_embed_dim)
-        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n * addition_time_embed_dim)
-        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, time_embed_dim)
+    def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None,
+              down_residuals: tuple[torch.Tensor, ...] | None = None,
+              mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """UNetBase._unet with the ControlNet residuals passed to the U."""
+        sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
+        sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states,
+                                 down_residuals, mid_residual)
+        sample = activate_temporary(self.conv_act, self.conv_norm_out(sample))
+        sample = self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
+        return sample.contiguous()  # NHWC inside, NCHW out
 
     def forward(
         self,
@@ -386,6 +502,8 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
         added_cond_kwargs: dict | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> UNet2DConditionOutput | tuple:
         """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
         ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
@@ -393,27 +511,16 @@ class UNet2DConditionModel(UNetBase, UNet2DConditionLoadersMixin):
         ``added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, n)}``: SDXL's added conditioning, required by a
         ``text_time`` UNet (P + n * addition_time_embed_dim = projection_class_embeddings_input_dim) and refused by
         others. ``timestep_cond`` is accepted so that diffusers' pipeline code calls this UNet unchanged; it must be
-        None (no LCM inputs)."""
-        lora_scale = _lora_scale(cross_attention_kwargs)
-        if timestep_cond is not None:
-            raise ValueError("timestep_cond is not supported by minidiff's UNet2DConditionModel (no LCM "
-                             "time_cond_proj_dim); pass None")
-        self._check_sample(sample)
-        self._check_encoder_hidden_states(sample, encoder_hidden_states)
-        self._check_added_cond_kwargs(added_cond_kwargs, sample)
-        c = self.config
-        if c.center_input_sample:
+        None (no LCM inputs). ``down_block_additional_residuals`` / ``mid_block_additional_residual``: a
+        ControlNetModel's outputs, added to the skip tensors and to the mid block's output."""
+        lora_scale = lora_scale_of(cross_attention_kwargs)
+        self._check_conditioning(sample, encoder_hidden_states, added_cond_kwargs, timestep_cond)
+        self._check_residuals(sample, down_block_additional_residuals, mid_block_additional_residual)
+        if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
         with scaled_lora(self, lora_scale):  # every adapted layer, the time/class embeddings too (as diffusers)
-            timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
-            emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
-            class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
-            if class_emb is not None:
-                emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
-            if c.addition_embed_type == "text_time":
-                emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)  # (B, time_embed_dim)
-            if self.time_embed_act is not None:
-                emb = self.time_embed_act(emb)
-            output = self._unet(sample, emb, encoder_hidden_states)
+            emb = self._embed(sample, timestep, class_labels, added_cond_kwargs)  # (B, time_embed_dim)
+            output = self._unet(sample, emb, encoder_hidden_states, down_block_additional_residuals,
+                                mid_block_additional_residual)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)

@@ -378,6 +378,18 @@ def get_down_block(
     return ResnetDownsampleBlock2D(**common, add_downsample=add_downsample)
 
 
+def make_down_blocks(block_types: tuple[str, ...], channels: list[int], resnet: ResnetOptions,
+                     options: list[dict]) -> nn.ModuleList:
+    """The down blocks of a UNet (or of a ControlNet, its encoder half): block i maps ``channels[i-1]`` to ``channels[i]``
+    and halves the size, except the last; ``options[i]`` are its per-level extras (see ``get_down_block``)."""
+    last = len(channels) - 1
+    return nn.ModuleList(
+        get_down_block(block_type, in_channels=channels[max(i - 1, 0)], out_channels=channels[i],
+                       add_downsample=i < last, resnet=resnet, **options[i])
+        for i, block_type in enumerate(block_types)
+    )
+
+
 def get_up_block(
     block_type: str,
     *,
@@ -409,18 +421,33 @@ def get_up_block(
     return ResnetUpsampleBlock2D(**common, add_upsample=add_upsample)
 
 
-def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_blocks: nn.ModuleList,
-                    sample: torch.Tensor, temb: torch.Tensor,
-                    encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-    """The U: down blocks leave skip tensors on a stack, the mid block runs at the lowest resolution, and each up
-    block takes back as many skips as it has resnets. Upsamplers resize to the size of the next skip tensor, so
-    inputs whose size is not a multiple of 2^levels work (diffusers' ``upsample_size``)."""
+def run_encoder_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, sample: torch.Tensor,
+                       temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The down half of the U, shared by the UNets and the ControlNet: each down block leaves its skip tensors on
+    a stack (the input first), then the mid block runs at the lowest resolution. Returns (mid output, skips)."""
     skips = [sample]
     for block in down_blocks:
         sample, block_skips = block(sample, temb, encoder_hidden_states)
         skips.extend(block_skips)
     if mid_block is not None:
         sample = mid_block(sample, temb, encoder_hidden_states)
+    return sample, skips
+
+
+def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_blocks: nn.ModuleList,
+                    sample: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                    down_residuals: tuple[torch.Tensor, ...] | None = None,
+                    mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The U: the encoder half (``run_encoder_blocks``), then each up block takes back as many skips as it has
+    resnets. Upsamplers resize to the size of the next skip tensor, so inputs whose size is not a multiple of
+    2^levels work (diffusers' ``upsample_size``). ControlNet (Zhang et al. 2023, Eq. 4 / Fig. 3): the residuals
+    ``down_residuals`` (one per skip) are added to the skips and ``mid_residual`` to the mid block's output."""
+    sample, skips = run_encoder_blocks(down_blocks, mid_block, sample, temb, encoder_hidden_states)
+    if down_residuals is not None:
+        skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (B, C_k, h_k, w_k) each
+    if mid_residual is not None:
+        sample = sample + mid_residual  # (B, C_last, h, w)
     for block in up_blocks:
         count = len(block.resnets)
         block_skips, skips = tuple(skips[-count:]), skips[:-count]
