@@ -230,12 +230,28 @@ def extract_component(checkpoint: dict[str, torch.Tensor], component: str, model
     """The state dict of ``model`` (built from its config) gathered from a normalized LDM ``checkpoint``;
     the LDM keys read are added to ``used``."""
     prefix = text_prefix(checkpoint, component) if component.startswith("text_encoder") else None
-    rule = _key_rule(component, model, prefix)
+    base_rule = _key_rule(component, model, prefix)
+
+    def rule(key: str) -> LdmKey:
+        where = base_rule(key)
+        if use_ema and where.key.startswith(UNET_PREFIX):
+            where = LdmKey(EMA_PREFIX + "diffusion_model" + where.key[len(UNET_PREFIX):].replace(".", ""), where.part)
+        return where
+
+    state = gather_state(checkpoint, model, rule, component, source, used)
+    if prefix == OPENCLIP_PREFIX and used is not None:  # SD2 keeps 23 of OpenCLIP's 24 layers (penultimate)
+        deeper = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+        used |= {k for k in checkpoint if (m := deeper.match(k)) and int(m.group(1)) >= model.config.num_hidden_layers}
+    return state
+
+
+def gather_state(checkpoint: dict[str, torch.Tensor], model: torch.nn.Module, rule: Callable[[str], LdmKey],
+                 component: str, source: str, used: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``model``: each of its keys fetched from ``checkpoint`` at ``rule(key)``; the LDM keys
+    read are added to ``used``. A missing key (all listed, by LDM name) or a wrong shape is a ValueError."""
     state, missing = {}, []
     for key, expected in model.state_dict().items():
         where = rule(key)
-        if use_ema and where.key.startswith(UNET_PREFIX):
-            where = LdmKey(EMA_PREFIX + "diffusion_model" + where.key[len(UNET_PREFIX):].replace(".", ""), where.part)
         if where.key not in checkpoint:
             missing.append(where.key)
             continue
@@ -246,9 +262,6 @@ def extract_component(checkpoint: dict[str, torch.Tensor], component: str, model
             raise ValueError(f"{source}: {where.key} has shape {tuple(tensor.shape)}, {component} expects "
                              f"{tuple(expected.shape)} for {key} (is the config right for this checkpoint?)")
         state[key] = tensor
-    if prefix == OPENCLIP_PREFIX and used is not None:  # SD2 keeps 23 of OpenCLIP's 24 layers (penultimate)
-        deeper = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
-        used |= {k for k in checkpoint if (m := deeper.match(k)) and int(m.group(1)) >= model.config.num_hidden_layers}
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"{source} lacks {len(missing)} {component} tensor(s): {shown}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +236,16 @@ class ControlNetModel(TextConditionedEncoderMixin, UNetBase):
                 if source is not None:
                     getattr(controlnet, name).load_state_dict(source.state_dict())
         return controlnet
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: Any = None,
+                         torch_dtype: Any = None) -> "ControlNetModel":
+        """A ControlNet from an original (LDM layout, ``control_model.``) ``.safetensors`` file such as
+        control_v11p_sd15_canny.safetensors; ``config``: a config dict / ControlNetConfig / local folder, else the
+        SD 1.x / 2.x config is detected from shapes (see minidiff.loading.single_file_controlnet)."""
+        from minidiff.loading.single_file_controlnet import load_single_file_controlnet
+
+        return load_single_file_controlnet(path, config=config, torch_dtype=torch_dtype)
 
     def _check_controlnet_cond(self, sample: torch.Tensor, controlnet_cond: Any) -> None:
         """The condition image: (B or 1, conditioning_channels, H, W) whose embedding has the sample's size."""
