@@ -23,6 +23,7 @@ _EXPORTS = {
         "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline",
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
         "StableDiffusionInstructPix2PixPipeline", "StableDiffusionDepth2ImgPipeline",
+        "StableDiffusionControlNetPipeline", "MultiControlNetModel",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

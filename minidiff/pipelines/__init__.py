@@ -1,6 +1,7 @@
 """Pipelines: each a readable sampling loop over the shared Stable Diffusion helpers."""
 
 from minidiff.pipelines.base import DiffusionPipeline
+from minidiff.pipelines.controlnet import MultiControlNetModel, StableDiffusionControlNetPipeline
 from minidiff.pipelines.ddpm import DDIMPipeline, DDPMPipeline, ImagePipelineOutput
 from minidiff.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
@@ -18,4 +19,5 @@ __all__ = [
     "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline", "InversionOutput",
     "StableDiffusionXLPipeline", "StableDiffusionXLPipelineOutput", "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline", "StableDiffusionInstructPix2PixPipeline", "StableDiffusionDepth2ImgPipeline",
+    "StableDiffusionControlNetPipeline", "MultiControlNetModel",
 ]

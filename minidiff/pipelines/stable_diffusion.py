@@ -251,16 +251,23 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     def predict_noise(self, latents, t, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
                       extra_channels: torch.Tensor | None = None, step: int = 0,
                       cross_attention_kwargs: dict | None = None,
-                      added_cond_kwargs: dict | None = None) -> torch.Tensor:
+                      added_cond_kwargs: dict | None = None,
+                      down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+                      mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """UNet noise prediction at x_t; with CFG the batch is [uncond, cond] and the halves are combined.
-        ``added_cond_kwargs`` (SDXL: pooled text and time ids, batched like ``prompt_embeds``) go to the UNet.
-        ``step`` (the loop index) only names the step in the error raised for a NaN/Inf prediction."""
+        ``added_cond_kwargs`` (SDXL: pooled text and time ids, batched like ``prompt_embeds``) go to the UNet, and
+        so do ControlNet residuals (``down_block_additional_residuals``, ``mid_block_additional_residual``,
+        batched like the UNet's input). ``step`` (the loop index) only names the step in the error raised for a
+        NaN/Inf prediction."""
         do_cfg = guidance_scale > 1.0
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:  # inpainting UNets: cat([latents, mask, masked image latents], dim=1)
             model_input = torch.cat([model_input, extra_channels], dim=1)
         added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+        if down_block_additional_residuals is not None or mid_block_additional_residual is not None:
+            added.update(down_block_additional_residuals=down_block_additional_residuals,
+                         mid_block_additional_residual=mid_block_additional_residual)
         noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
                                cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **added)[0]
         check_finite(noise_pred, f"UNet output at step {step} (t={int(t)})")
