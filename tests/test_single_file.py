@@ -67,6 +67,20 @@ def test_shape_mismatch_names_key_and_shapes(saved, tmp_path):
         load_single_file(write(tmp_path / "c.safetensors", broken), config=folder / "pipe")
 
 
+def test_a_tensor_with_the_right_count_but_the_wrong_shape_is_refused_not_reshaped(saved, tmp_path):
+    pipe, folder, state = saved
+    key = next(k for k, v in state.items() if k.startswith("model.diffusion_model.") and v.ndim == 4
+               and v.shape[2:] == (3, 3) and v.shape[0] != v.shape[1])  # a 3x3 conv with in != out channels
+    swapped = state[key].transpose(0, 1).contiguous()  # (I, O, 3, 3): as many numbers, another layout
+    with pytest.raises(ValueError, match=rf"{key} has shape \({swapped.shape[0]}, {swapped.shape[1]}, 3, 3\)"):
+        load_single_file(write(tmp_path / "t.safetensors", dict(state, **{key: swapped})), config=folder / "pipe")
+    linear = next(k for k, v in state.items() if k.endswith("proj_in.weight") and v.ndim == 4)  # a 1x1 conv
+    as_linear = dict(state, **{linear: state[linear][:, :, 0, 0]})  # (O, I): the reshape files may need
+    loaded = load_single_file(write(tmp_path / "l.safetensors", as_linear), config=folder / "pipe")["unet"]
+    ours, theirs = pipe.unet.state_dict(), loaded.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_variant_detection_and_not_a_checkpoint(tmp_path):
     conv = "model.diffusion_model.input_blocks.0.0.weight"
     to_k = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"

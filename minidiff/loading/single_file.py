@@ -210,9 +210,15 @@ def _fetch(checkpoint: dict[str, torch.Tensor], where: LdmKey, shape: torch.Size
         tensor = tensor.chunk(3, dim=0)[where.part]
     if where.transposed:
         tensor = tensor.T
-    if tensor.shape != shape and tensor.numel() == shape.numel():  # LDM 1x1 convs <-> diffusers linears
+    if tensor.shape != shape and _same_but_unit_dims(tensor.shape, shape):  # LDM 1x1 convs <-> diffusers linears
         tensor = tensor.reshape(shape)
     return tensor
+
+
+def _same_but_unit_dims(a: torch.Size, b: torch.Size) -> bool:
+    """Whether shapes ``a`` and ``b`` differ only by trailing size-1 dimensions, as a 1x1 conv's (O, I, 1, 1) and a
+    linear's (O, I): the only reshape a checkpoint may need (any other element-count match is a wrong tensor)."""
+    return a[:2] == b[:2] and all(d == 1 for d in a[2:]) and all(d == 1 for d in b[2:])
 
 
 def normalize_checkpoint(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
