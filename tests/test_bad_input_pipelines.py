@@ -356,7 +356,7 @@ def test_tokenizer_model_max_length_is_bounded_by_the_text_encoder():
 
 # ---- 7. memory estimate ---------------------------------------------------------------------------------------------
 def test_memory_check_refuses_what_does_not_fit(pipe, monkeypatch):
-    estimate = memory.estimate_peak_bytes(pipe.unet, pipe.vae, 1, 32, 32, True)
+    estimate = memory.estimate_peak_bytes(pipe.unet, pipe.vae, 1, 32, 32, 2)
     monkeypatch.setattr(memory, "available_memory", lambda device: estimate * 10)  # 32x32 fits, 256x256 not
     assert run(pipe).images.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match=r"1 image\(s\) of 256x256 need about .* GiB of activation memory, but .* "
@@ -369,10 +369,10 @@ def test_memory_check_refuses_what_does_not_fit(pipe, monkeypatch):
 
 def test_memory_estimate_follows_the_formula(pipe):
     unet, vae = pipe.unet, pipe.vae
-    base = memory.estimate_peak_bytes(unet, vae, 1, 512, 512, True)
+    base = memory.estimate_peak_bytes(unet, vae, 1, 512, 512, 2)
     assert memory.vae_decode_bytes(vae, 1, 512, 512) == memory.VAE_LIVE * 8 * 512 * 512 * 4
     assert memory.unet_bytes(unet, 2, 256, 256) == memory.UNET_LIVE * 2 * 8 * 256 * 256 * 4
-    assert memory.estimate_peak_bytes(unet, vae, 2, 512, 512, True) == 2 * base  # linear in the batch
+    assert memory.estimate_peak_bytes(unet, vae, 2, 512, 512, 2) == 2 * base  # linear in the batch
     with minidiff.ops.use_backend("attention", "math"):  # math holds the (B' * heads, N, N) scores
         math_unet = memory.unet_bytes(unet, 2, 256, 256)
         math_vae = memory.vae_decode_bytes(vae, 1, 512, 512)

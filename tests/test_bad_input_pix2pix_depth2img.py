@@ -50,6 +50,17 @@ def test_pix2pix_runs(pix2pix):
     assert edit(pix2pix, num_images_per_prompt=2).images.shape == (2, 32, 32, 3)
 
 
+def test_pix2pix_memory_estimate_counts_its_three_guidance_copies(pix2pix, monkeypatch):
+    from minidiff.pipelines import memory
+    one = memory.estimate_peak_bytes(pix2pix.unet, pix2pix.vae, 1, 32, 32, 1)
+    three = memory.estimate_peak_bytes(pix2pix.unet, pix2pix.vae, 1, 32, 32, 3)
+    assert one < memory.estimate_peak_bytes(pix2pix.unet, pix2pix.vae, 1, 32, 32, 2) < three
+    monkeypatch.setattr(memory, "available_memory", lambda device: three - 1)  # fits twice the batch, not 3 times
+    with pytest.raises(ValueError, match="activation memory"):
+        edit(pix2pix, guidance_scale=7.5)
+    assert edit(pix2pix, guidance_scale=1.0).images.shape == (1, 32, 32, 3)  # no guidance: one copy
+
+
 def test_pix2pix_needs_an_8_channel_unet():
     with pytest.raises(ValueError, match=r"8 input channels \(4 noisy latents \+ 4 input-image latents\).*"
                                          r"in_channels=4.*StableDiffusionImg2ImgPipeline"):

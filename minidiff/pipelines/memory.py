@@ -4,7 +4,8 @@
 estimate is arithmetic on the configs (nothing is allocated), in bytes, with ``s`` the element size of the dtype:
 
     latent size            h x w = H/f x W/f               (f = the VAE's scale factor, 8 for SD)
-    UNet batch             B' = B * (2 with classifier-free guidance)
+    UNet batch             B' = B * copies                 (copies: 2 with classifier-free guidance, 3 with
+                                                             InstructPix2Pix's, 1 without)
     UNet activations       UNET_LIVE * B' * c0 * h * w * s  (c0 = block_out_channels[0]: the skip connections and
                                                              block temporaries at the first, largest level)
     UNet attention scores  2 * B' * heads * N^2 * s         (only with the ``math`` backend, which materializes
@@ -105,20 +106,21 @@ def vae_decode_bytes(vae, batch: int, height: int, width: int) -> int:
     return total
 
 
-def estimate_peak_bytes(unet, vae, batch: int, height: int, width: int, guidance: bool) -> int:
-    """The module docstring's formula: the larger of the UNet step and the VAE decode."""
+def estimate_peak_bytes(unet, vae, batch: int, height: int, width: int, copies: int) -> int:
+    """The module docstring's formula: the larger of the UNet step (on ``copies`` x ``batch`` inputs) and the VAE
+    decode."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_batch = batch * (2 if guidance else 1)
+    unet_batch = batch * copies
     return max(unet_bytes(unet, unet_batch, height // factor, width // factor),
                vae_decode_bytes(vae, batch, height, width))
 
 
-def check_activation_memory(unet, vae, batch: int, height: int, width: int, guidance: bool, device) -> None:
+def check_activation_memory(unet, vae, batch: int, height: int, width: int, copies: int, device) -> None:
     """ValueError with the estimate, the available memory and the options, if the call would not fit."""
     free = available_memory(torch.device(device))
     if free is None:
         return
-    need = estimate_peak_bytes(unet, vae, batch, height, width, guidance)
+    need = estimate_peak_bytes(unet, vae, batch, height, width, copies)
     if need > free:
         raise ValueError(
             f"{batch} image(s) of {height}x{width} need about {need / GiB:.1f} GiB of activation memory, but "

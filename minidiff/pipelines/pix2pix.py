@@ -54,6 +54,7 @@ class StableDiffusionInstructPix2PixPipeline(StableDiffusionBase):
         self.check_unet_channels()
 
     corrects_scheduler_config = False  # as diffusers' pipeline: the scheduler config is used as saved
+    guided_copies = 3  # [text + image, image only, neither]
 
     def check_unet_channels(self) -> None:
         """The UNet must take the noisy latents and the image latents, concatenated on channels."""

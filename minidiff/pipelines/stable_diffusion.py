@@ -221,9 +221,12 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         width = size_w * self.vae_scale_factor if width is None else width
         return height, width
 
+    guided_copies = 2  # UNet inputs per image with guidance: [uncond, cond]
+
     def check_memory(self, batch: int, height: int, width: int, guidance_scale: float) -> None:
         """Refuse (before any work) a size whose estimated activation memory exceeds the available memory."""
-        check_activation_memory(self.unet, self.vae, batch, height, width, guidance_scale > 1.0, self.device)
+        copies = self.guided_copies if guidance_scale > 1.0 else 1
+        check_activation_memory(self.unet, self.vae, batch, height, width, copies, self.device)
 
     def prepare_latents(self, batch_size: int, num_channels: int, height: int, width: int, dtype, device, generator,
                         latents: torch.Tensor | None = None) -> torch.Tensor:
