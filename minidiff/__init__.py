@@ -23,7 +23,8 @@ _EXPORTS = {
         "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline",
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
         "StableDiffusionInstructPix2PixPipeline", "StableDiffusionDepth2ImgPipeline",
-        "StableDiffusionControlNetPipeline", "MultiControlNetModel",
+        "StableDiffusionControlNetPipeline", "MultiControlNetModel", "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -36,13 +36,15 @@ def reference_controlnet(seed: int, **extra) -> diffusers.ControlNetModel:
     return net.eval()
 
 
-def build(folder, controlnet):
-    reference = diffusers.StableDiffusionControlNetPipeline(
-        **reference_components(folder), controlnet=controlnet, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+def build(folder, controlnet, name: str = "StableDiffusionControlNetPipeline", in_channels: int = 4):
+    """diffusers' pipeline ``name`` with ``controlnet`` on the tiny reference components, saved, and minidiff's
+    pipeline of the same name loaded from that folder."""
+    reference = getattr(diffusers, name)(
+        **reference_components(folder, in_channels=in_channels), controlnet=controlnet, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     reference.save_pretrained(folder / "pipe")
-    mine = StableDiffusionControlNetPipeline.from_pretrained(folder / "pipe")
+    mine = getattr(minidiff, name).from_pretrained(folder / "pipe")
     mine.set_progress_bar_config(disable=True)
     return reference, mine
 

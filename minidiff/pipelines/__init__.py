@@ -2,6 +2,8 @@
 
 from minidiff.pipelines.base import DiffusionPipeline
 from minidiff.pipelines.controlnet import MultiControlNetModel, StableDiffusionControlNetPipeline
+from minidiff.pipelines.controlnet_img2img import (StableDiffusionControlNetImg2ImgPipeline,
+                                                  StableDiffusionControlNetInpaintPipeline)
 from minidiff.pipelines.ddpm import DDIMPipeline, DDPMPipeline, ImagePipelineOutput
 from minidiff.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
 from minidiff.pipelines.img2img import StableDiffusionImg2ImgPipeline
@@ -19,5 +21,6 @@ __all__ = [
     "StableDiffusionInpaintPipeline", "StableDiffusionDDIMInversionPipeline", "InversionOutput",
     "StableDiffusionXLPipeline", "StableDiffusionXLPipelineOutput", "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline", "StableDiffusionInstructPix2PixPipeline", "StableDiffusionDepth2ImgPipeline",
-    "StableDiffusionControlNetPipeline", "MultiControlNetModel",
+    "StableDiffusionControlNetPipeline", "MultiControlNetModel", "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
 ]

@@ -23,7 +23,7 @@ from minidiff.pipelines.images import numpy_to_pil
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def _read_model_index(folder: str) -> tuple[str, dict[str, Any]]:
+def read_model_index(folder: str) -> tuple[str, dict[str, Any]]:
     """The path and contents of ``folder``/model_index.json: a JSON object, or a ValueError naming the file."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.lexists(index_path):
@@ -37,7 +37,7 @@ def _read_model_index(folder: str) -> tuple[str, dict[str, Any]]:
                                         "a JSON object of component -> [library, class]")
 
 
-def _entry_class_name(index_path: str, name: str, entry: Any) -> str | None:
+def entry_class_name(index_path: str, name: str, entry: Any) -> str | None:
     """The class name of one model_index.json entry ``[library, class]`` (None: the component is absent)."""
     if entry is None:
         return None
@@ -105,7 +105,7 @@ class DiffusionPipeline:
         Pipeline-level values of model_index.json (``cls.config_names``, e.g. SDXL's force_zeros_for_empty_prompt)
         go to the pipeline's __init__; a keyword argument of the same name overrides the file's value."""
         folder = resolve_folder(pretrained_model_name_or_path)
-        index_path, index = _read_model_index(folder)
+        index_path, index = read_model_index(folder)
         config_names = getattr(cls, "config_names", ())
         config = {key: overrides.pop(key) if key in overrides else index[key]
                   for key in config_names if key in overrides or key in index}
@@ -113,7 +113,7 @@ class DiffusionPipeline:
         for name in cls.component_names:
             if name in overrides:
                 continue
-            class_name = _entry_class_name(index_path, name, index.get(name))
+            class_name = entry_class_name(index_path, name, index.get(name))
             if class_name is None:
                 if name in cls.optional_components:
                     continue

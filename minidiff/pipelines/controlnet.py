@@ -25,9 +25,9 @@ from torch import nn
 
 from minidiff.loading.hub import resolve_folder
 from minidiff.models.controlnet import ControlNetModel
-from minidiff.pipelines.base import _entry_class_name, _read_model_index
+from minidiff.pipelines.base import entry_class_name, read_model_index
 from minidiff.pipelines.checks import check_number, check_sampling_arguments, check_size
-from minidiff.pipelines.images import _to_float_batch, as_image_list, default_size
+from minidiff.pipelines.images import to_float_batch, as_image_list, default_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionBase, prompt_batch
 
 CONTROLNET_CLASSES = ("ControlNetModel", "MultiControlNetModel")
@@ -146,6 +146,10 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         """The ControlNets as a list (one entry for a single ControlNetModel)."""
         return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
 
+    def control_input_channels(self) -> int:
+        """The channels of the latents the ControlNets see: the UNet's input channels."""
+        return self.unet.config.in_channels
+
     def _check_controlnet_fits(self, net: ControlNetModel, k: int) -> None:
         """A ControlNet's residuals must fit the UNet's skips, and its condition embedding the latent size."""
         label = "controlnet" if isinstance(self.controlnet, ControlNetModel) else f"controlnet[{k}]"
@@ -155,12 +159,16 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                    "in_channels": "it takes the UNet's noisy latents",
                    "cross_attention_dim": "it takes the UNet's text embeddings"}
         for field, reason in reasons.items():
-            mine, theirs = c[field], u[field]
+            mine, theirs, what = c[field], u[field], f"the UNet has {field}={u[field]}"
+            if field == "in_channels":  # the noisy latents only (an inpainting UNet takes 9 channels, its nets 4)
+                theirs = self.control_input_channels()
+                if theirs != u[field]:
+                    what = f"its noisy latents have {theirs} channels"
             if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
                 mine = list(mine) if isinstance(mine, (list, tuple)) else [mine] * len(u.block_out_channels)
                 theirs = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs] * len(u.block_out_channels)
             if mine != theirs:
-                raise ValueError(f"{label} has {field}={c[field]} but the UNet has {field}={u[field]} ({reason}); "
+                raise ValueError(f"{label} has {field}={c[field]} but {what} ({reason}); "
                                  "use a ControlNet trained for this UNet (or built with ControlNetModel.from_unet"
                                  "(unet))")
         if c.addition_embed_type is not None:
@@ -183,8 +191,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         or pass ``controlnet=`` (a ControlNetModel or a list of them) yourself."""
         if "controlnet" not in overrides:
             folder = resolve_folder(pretrained_model_name_or_path)
-            index_path, index = _read_model_index(folder)
-            class_name = _entry_class_name(index_path, "controlnet", index.get("controlnet"))
+            index_path, index = read_model_index(folder)
+            class_name = entry_class_name(index_path, "controlnet", index.get("controlnet"))
             if class_name is None:
                 raise ValueError(f"{index_path} has no controlnet entry; pass controlnet="
                                  "ControlNetModel.from_pretrained(...) (or a list of them) to from_pretrained")
@@ -200,26 +208,27 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         return super().from_pretrained(pretrained_model_name_or_path, torch_dtype, variant, **overrides)
 
     # ---- condition images ---------------------------------------------------------------------------------------
-    def images_per_net(self, image: Any) -> list:
-        """The condition image(s) of each ControlNet. One net: ``image``. Several: a list with one entry per net
-        (each an image or a list of images), or diffusers' nested form [[net 0, net 1, ...] per prompt]."""
+    def images_per_net(self, image: Any, option: str = "image") -> list:
+        """The condition image(s) of each ControlNet (the argument named ``option``). One net: ``image``. Several: a
+        list with one entry per net (each an image or a list of images), or diffusers' nested form
+        [[net 0, net 1, ...] per prompt]."""
         count = len(self.controlnets)
         if image is None:
-            raise ValueError("StableDiffusionControlNetPipeline needs image=: the condition image (PIL image, numpy "
+            raise ValueError(f"{type(self).__name__} needs {option}=: the condition image (PIL image, numpy "
                              f"array, tensor, path or a list of them){'' if count == 1 else ', one per ControlNet'}")
         if count == 1:
             return [image]
         if not isinstance(image, (list, tuple)):
-            raise TypeError(f"with {count} ControlNets, image must be a list of {count} condition images (one per "
+            raise TypeError(f"with {count} ControlNets, {option} must be a list of {count} condition images (one per "
                             f"ControlNet), got one {type(image).__name__}")
         if all(isinstance(entry, (list, tuple)) for entry in image):  # [[net 0, net 1, ...] per prompt]
             lengths = sorted({len(entry) for entry in image})
             if lengths != [count]:
-                raise ValueError(f"image is a nested list whose sublists have {lengths} entries; each sublist "
+                raise ValueError(f"{option} is a nested list whose sublists have {lengths} entries; each sublist "
                                  f"(one per prompt) must hold {count} images, one per ControlNet")
             image = [list(per_prompt) for per_prompt in zip(*image)]  # transpose -> one list per net
         if len(image) != count:
-            raise ValueError(f"image has {len(image)} entries but there are {count} ControlNets; pass one condition "
+            raise ValueError(f"{option} has {len(image)} entries but there are {count} ControlNets; pass one condition "
                              "image (or list of images) per ControlNet")
         return list(image)
 
@@ -234,7 +243,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         if height < self.vae_scale_factor or width < self.vae_scale_factor:
             raise ValueError(f"{name} of size {height}x{width} is smaller than one latent pixel "
                              f"({self.vae_scale_factor}x{self.vae_scale_factor})")
-        cond = _to_float_batch(images, height, width, "RGB", name)  # (n, C, H, W)
+        cond = to_float_batch(images, height, width, "RGB", name)  # (n, C, H, W)
         channels = net.config.conditioning_channels
         if cond.shape[1] != channels:
             raise ValueError(f"{name} has {cond.shape[1]} channels (shape {tuple(cond.shape)}) but its ControlNet "
@@ -247,17 +256,18 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         return torch.cat([cond] * 2) if double else cond  # CFG batch [uncond, cond]
 
     def prepare_control_images(self, image: Any, height: int | None, width: int | None, batch: int, prompts: int,
-                               double: bool) -> list[torch.Tensor]:
-        """Every net's condition images, checked to share one size (the output size)."""
+                               double: bool, option: str = "image") -> list[torch.Tensor]:
+        """Every net's condition images (the argument named ``option``), checked to share one size (the output
+        size)."""
         nets = self.controlnets
-        per_net_images = self.images_per_net(image)
+        per_net_images = self.images_per_net(image, option)
         conds = []
         for k, (net, images) in enumerate(zip(nets, per_net_images)):
-            name = "image" if len(nets) == 1 else f"image[{k}]"
+            name = option if len(nets) == 1 else f"{option}[{k}]"
             conds.append(self.prepare_control_image(images, height, width, batch, prompts, double, net, name))
         sizes = [tuple(cond.shape[-2:]) for cond in conds]
         if len(set(sizes)) > 1:
-            listed = ", ".join(f"image[{k}] {h}x{w}" for k, (h, w) in enumerate(sizes))
+            listed = ", ".join(f"{option}[{k}] {h}x{w}" for k, (h, w) in enumerate(sizes))
             raise ValueError(f"the condition images have different sizes ({listed}); pass height= and width= (each "
                              "image is then resized to them) or condition images of one size")
         return conds

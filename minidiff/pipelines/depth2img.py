@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiff.loading.hub import resolve_folder
-from minidiff.pipelines.base import _entry_class_name, _read_model_index
+from minidiff.pipelines.base import entry_class_name, read_model_index
 from minidiff.pipelines.checks import check_finite, check_sampling_arguments
 from minidiff.pipelines.ddpm import ImagePipelineOutput
 from minidiff.pipelines.images import preprocess_image
@@ -61,8 +61,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         """As ``DiffusionPipeline.from_pretrained``; a folder's ``depth_estimator`` (transformers DPT in diffusers'
         folders) is not loaded: pass ``depth_map=`` to each call, or ``depth_estimator=callable`` here."""
         if "depth_estimator" not in overrides:
-            index_path, index = _read_model_index(resolve_folder(pretrained_model_name_or_path))
-            class_name = _entry_class_name(index_path, "depth_estimator", index.get("depth_estimator"))
+            index_path, index = read_model_index(resolve_folder(pretrained_model_name_or_path))
+            class_name = entry_class_name(index_path, "depth_estimator", index.get("depth_estimator"))
             if class_name is not None:
                 warnings.warn(
                     f"{index_path} lists a depth_estimator ({class_name}); minidiff does not load transformers' depth "

@@ -134,7 +134,7 @@ def _to_unit_float(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return tensor.float()
 
 
-def _to_float_batch(images: list, height: int, width: int, mode: str, name: str) -> torch.Tensor:
+def to_float_batch(images: list, height: int, width: int, mode: str, name: str) -> torch.Tensor:
     """Stack PIL images / numpy arrays / tensors into a float (B, C, H, W) tensor in [0, 1] (or [-1, 1])."""
     first = images[0]
     if isinstance(first, PIL.Image.Image):
@@ -163,7 +163,7 @@ def preprocess_image(image: Any, height: int | None = None, width: int | None = 
     height, width = default_size(images, height, width, scale, name)
     if height < scale or width < scale:
         raise ValueError(f"{name} of size {height}x{width} is smaller than one latent pixel ({scale}x{scale})")
-    tensor = _to_float_batch(images, height, width, "RGB", name)
+    tensor = to_float_batch(images, height, width, "RGB", name)
     if tensor.shape[1] != 3:
         raise ValueError(f"{name}: expected RGB images with 3 channels, got {tensor.shape[1]} channels")
     if tensor.min() < 0:  # already in [-1, 1] (diffusers warns and keeps such inputs as they are)
@@ -173,7 +173,7 @@ def preprocess_image(image: Any, height: int | None = None, width: int | None = 
 
 def preprocess_mask(mask: Any, height: int, width: int, name: str = "mask_image") -> torch.Tensor:
     """Masks as a (B, 1, H, W) float tensor of 0s and 1s (1 = repaint), binarized at 0.5."""
-    tensor = _to_float_batch(as_image_list(mask, name), height, width, "L", name)
+    tensor = to_float_batch(as_image_list(mask, name), height, width, "L", name)
     if tensor.shape[1] != 1:
         tensor = tensor.mean(dim=1, keepdim=True)
     return (tensor >= 0.5).to(torch.float32)
