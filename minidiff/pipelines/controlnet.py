@@ -288,9 +288,22 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
             mid = torch.cat([torch.zeros_like(mid), mid])
         return (None, None) if down is None else (tuple(down), mid)
 
+    def controlled_noise(self, latents: torch.Tensor, t, text: torch.Tensor, conds: list[torch.Tensor],
+                         scales: list[float], keep: list[float], guess_mode: bool, guidance_scale: float, step: int,
+                         cross_attention_kwargs: dict | None = None,
+                         extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's (guided) noise prediction at x_t with the ControlNets' residuals added; ``keep`` is this
+        step's row of :func:`control_keep` (0 turns a net off outside its window)."""
+        step_scales = [scale * kept for scale, kept in zip(scales, keep)]
+        down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, guidance_scale > 1.0)
+        return self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra_channels, step=step,
+                                  cross_attention_kwargs=cross_attention_kwargs,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
     def _control_options(self, controlnet_conditioning_scale, guess_mode, control_guidance_start,
-                         control_guidance_end) -> tuple[list[float], list[float], list[float]]:
-        """(scales, starts, ends): one entry per ControlNet, checked."""
+                         control_guidance_end) -> tuple[list[float], list[float], list[float], bool]:
+        """(scales, starts, ends): one entry per ControlNet, checked; and the guess mode in effect (a
+        global-pool ControlNet implies it, as in diffusers)."""
         count = len(self.controlnets)
         scales = per_net("controlnet_conditioning_scale", controlnet_conditioning_scale, count, "scale")
         for scale in scales:
@@ -303,7 +316,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         starts = per_net("control_guidance_start", control_guidance_start, count, "start")
         ends = per_net("control_guidance_end", control_guidance_end, count, "end")
         check_guidance_windows(starts, ends)
-        return [float(s) for s in scales], [float(s) for s in starts], [float(e) for e in ends]
+        guess_mode = guess_mode or self.controlnets[0].config.global_pool_conditions
+        return [float(s) for s in scales], [float(s) for s in starts], [float(e) for e in ends], guess_mode
 
     @torch.no_grad()
     def __call__(
@@ -335,9 +349,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         check_size("width", width)
         self.check_output_type(output_type)
         check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, 0.0, generator)
-        scales, starts, ends = self._control_options(controlnet_conditioning_scale, guess_mode,
-                                                     control_guidance_start, control_guidance_end)
-        guess_mode = guess_mode or self.controlnets[0].config.global_pool_conditions
+        scales, starts, ends, guess_mode = self._control_options(controlnet_conditioning_scale, guess_mode,
+                                                                 control_guidance_start, control_guidance_end)
         device, do_cfg = self.device, guidance_scale > 1.0
         self.images_per_net(image)  # a missing image is reported before any work
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -355,11 +368,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         keep = control_keep(len(timesteps), starts, ends)  # (steps, nets) of 0.0 / 1.0
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            step_scales = [scale * kept for scale, kept in zip(scales, keep[i])]
-            down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, do_cfg)
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, step=i,
-                                            cross_attention_kwargs=cross_attention_kwargs,
-                                            down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            noise_pred = self.controlled_noise(latents, t, text, conds, scales, keep[i], guess_mode, guidance_scale, i,
+                                               cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text, image=conds)
         return self.finish(latents, output_type, return_dict)

@@ -76,9 +76,8 @@ class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionControlNetPipeline
         check_latents("latents", latents)
         self.check_output_type(output_type)
         check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, 0.0, generator)
-        scales, starts, ends = self._control_options(controlnet_conditioning_scale, guess_mode,
-                                                     control_guidance_start, control_guidance_end)
-        guess_mode = guess_mode or self.controlnets[0].config.global_pool_conditions
+        scales, starts, ends, guess_mode = self._control_options(controlnet_conditioning_scale, guess_mode,
+                                                                 control_guidance_start, control_guidance_end)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image=: the init image (PIL image, numpy array, tensor "
                              "or file path) that strength noises; the condition goes in control_image=")
@@ -105,11 +104,8 @@ class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionControlNetPipeline
         keep = control_keep(len(timesteps), starts, ends)  # (kept steps, nets) of 0.0 / 1.0
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            step_scales = [scale * kept for scale, kept in zip(scales, keep[i])]
-            down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, do_cfg)
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, step=i,
-                                            cross_attention_kwargs=cross_attention_kwargs,
-                                            down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            noise_pred = self.controlled_noise(latents, t, text, conds, scales, keep[i], guess_mode, guidance_scale, i,
+                                               cross_attention_kwargs)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             latents = self.after_step(callback_on_step_end, i, t, latents, prompt_embeds=text, control_image=conds)
         return self.finish(latents, output_type, return_dict)
@@ -181,9 +177,8 @@ class StableDiffusionControlNetInpaintPipeline(StableDiffusionControlNetPipeline
         check_latents("latents", latents)
         self.check_output_type(output_type)
         check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, 0.0, generator)
-        scales, starts, ends = self._control_options(controlnet_conditioning_scale, guess_mode,
-                                                     control_guidance_start, control_guidance_end)
-        guess_mode = guess_mode or self.controlnets[0].config.global_pool_conditions
+        scales, starts, ends, guess_mode = self._control_options(controlnet_conditioning_scale, guess_mode,
+                                                                 control_guidance_start, control_guidance_end)
         channels = self.inpaint_channels()
         pixels, mask = self.inpaint_pixels(image, mask_image, height, width)
         self.images_per_net(control_image, "control_image")  # a missing control image is reported before any work
@@ -211,11 +206,8 @@ class StableDiffusionControlNetInpaintPipeline(StableDiffusionControlNetPipeline
         keep = control_keep(len(timesteps), starts, ends)  # (kept steps, nets) of 0.0 / 1.0
 
         for i, t in enumerate(self.progress_bar(timesteps)):
-            step_scales = [scale * kept for scale, kept in zip(scales, keep[i])]
-            down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, do_cfg)
-            noise_pred = self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra, step=i,
-                                            cross_attention_kwargs=cross_attention_kwargs,
-                                            down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            noise_pred = self.controlled_noise(latents, t, text, conds, scales, keep[i], guess_mode, guidance_scale, i,
+                                               cross_attention_kwargs, extra)
             latents = self.scheduler_step(noise_pred, t, latents, i, **step_kwargs)
             if channels == 4:  # keep the unmasked region on the init image's noisy trajectory
                 latents = self.keep_unmasked(latents, clean, noise, mask, timesteps, i, do_cfg)
