@@ -1,4 +1,5 @@
-"""Condition images that need no model: Canny edges (minidiff.pipelines.conditions), checked by their properties."""
+"""Condition images that need no model (minidiff.pipelines.conditions): Canny edges and outlines, checked by their
+properties."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from minidiff.pipelines.conditions import canny, reachable
+from minidiff.pipelines.conditions import canny, outline, reachable
 
 
 def edges_of(image: np.ndarray, **kwargs) -> np.ndarray:
@@ -85,3 +86,17 @@ def test_reachable_follows_diagonals_only_when_asked():
     seeds[0, 0] = True
     assert reachable(seeds, allowed).sum() == 1
     assert np.array_equal(reachable(seeds, allowed, diagonal=True), allowed)
+
+
+def test_outline_is_the_masks_inner_boundary():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 1:5] = True
+    image = outline(mask)
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8 and (image == image[..., :1]).all()
+    edge = image[..., 0] == 255
+    expected = mask.copy()
+    expected[3:5, 2:4] = False  # the interior: all four neighbours inside
+    assert np.array_equal(edge, expected) and set(np.unique(image)) == {0, 255}
+    assert outline(np.ones((4, 4)))[..., 0].tolist() == [[255] * 4, [255, 0, 0, 255], [255, 0, 0, 255], [255] * 4]
+    with pytest.raises(ValueError, match=r"2-D mask \(H, W\), got shape \(8, 8, 3\)"):
+        outline(image)

@@ -1,5 +1,5 @@
-"""Condition images that need no model: Canny edges for an edge ControlNet, and the flood fill they share with the
-shape reader of the built-in model.
+"""Condition images that need no model: Canny edges for an edge ControlNet, a mask's outline (the condition of the
+built-in outline ControlNet), and the flood fill they share with the shape reader of the built-in model.
 
 ``canny`` follows Canny (1986), "A Computational Approach to Edge Detection", as OpenCV's ``cv2.Canny`` (which the
 ControlNet tutorials call) does it: 3x3 Sobel gradients of the grayscale image, non-maximum suppression along the
@@ -44,6 +44,18 @@ def reachable(seeds: np.ndarray, allowed: np.ndarray, diagonal: bool = False) ->
         if np.array_equal(grown, reached):
             return reached
         reached = grown
+
+
+def outline(mask: Any) -> np.ndarray:
+    """The 1-pixel inner boundary of ``mask`` (H, W) (bool, or any array: nonzero is inside) as an outline condition
+    image (H, W, 3) uint8, white on black: the mask's pixels with a 4-neighbour outside it or on the image border."""
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"outline takes a 2-D mask (H, W), got shape {mask.shape}")
+    inside = np.pad(mask, 1)  # (H + 2, W + 2), outside the image counts as outside
+    interior = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]  # all 4 neighbours in
+    edge = mask & ~interior  # (H, W)
+    return np.repeat(edge[..., None] * np.uint8(255), 3, axis=-1)
 
 
 def sobel(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -128,20 +128,25 @@ def shape_alpha(shape: str, centre: tuple[float, float], radius: float, resoluti
     return np.asarray(canvas.resize((resolution, resolution), resample=PIL.Image.BOX), dtype=np.float32) / 255.0
 
 
+def jittered(colour: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The RGB of a named colour (float32), varied by up to COLOUR_JITTER per channel when ``rng`` is given."""
+    offset = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3) if rng is not None else 0
+    return np.clip(np.array(ALL_COLOURS[colour]) + offset, 0, 255).astype(np.float32)
+
+
+def paint(alpha: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Coverage ``alpha`` (H, W) in the ``foreground`` RGB over the ``background`` RGB as (H, W, 3) uint8."""
+    return (background + alpha[..., None] * (foreground - background)).round().astype(np.uint8)
+
+
 def render(scene: Scene, resolution: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
     """The scene as a (resolution, resolution, 3) uint8 image; ``rng`` jitters colours and position (else none)."""
-
-    def colour(name: str) -> np.ndarray:
-        offset = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3) if rng is not None else 0
-        return np.clip(np.array(ALL_COLOURS[name]) + offset, 0, 255).astype(np.float32)
-
-    background, foreground = colour(scene.background), colour(scene.colour)
+    background, foreground = jittered(scene.background, rng), jittered(scene.colour, rng)
     centre = np.array(POSITIONS[scene.position][1])
     if rng is not None:
         centre = centre + rng.uniform(-POSITION_JITTER, POSITION_JITTER, 2)
     alpha = shape_alpha(scene.shape, tuple(centre * resolution), SIZES[scene.size] * resolution, resolution)
-    image = background + alpha[..., None] * (foreground - background)  # (H, W, 3)
-    return image.round().astype(np.uint8)
+    return paint(alpha, foreground, background)
 
 
 def concept_scenes(rng: np.random.Generator, count: int, shapes: tuple[str, ...], colours: tuple[str, ...],
