@@ -142,11 +142,14 @@ class Reference:
                               truncation=True, return_tensors="pt").input_ids  # (B, 77)
 
     def loop(self, params: list[torch.nn.Parameter], batch_of_step, loss_of=F.mse_loss, max_grad_norm=1.0,
-             after_step=lambda: None, learning_rate=OPTIMIZER["learning_rate"]) -> list[float]:
+             after_step=lambda: None, learning_rate=OPTIMIZER["learning_rate"], predict=None) -> list[float]:
         """The scripts' update, ``STEPS`` times. ``batch_of_step(step)`` -> (parts, generators): one sample's
-        generator per position, having drawn the flips, and ``parts``, lists of (pixels (B, 3, H, W), captions):
-        the instance images, then (DreamBooth) their class images. Each part draws, per sample, its caption-dropout
-        uniform and VAE latent in turn; then every row (instance rows, class rows) its timestep, then its noise."""
+        generator per position, having drawn the flips, and ``parts``, lists of (pixels (B, 3, H, W), captions,
+        anything else ``predict`` reads): the instance images, then (DreamBooth) their class images. Each part
+        draws, per sample, its caption-dropout uniform and VAE latent in turn; then every row (instance rows, class
+        rows) its timestep, then its noise. ``predict(noisy, timesteps, text, parts)`` (default: the UNet's
+        ``.sample``) is the model's prediction."""
+        predict = predict or (lambda noisy, timesteps, text, parts: self.unet(noisy, timesteps, text).sample)
         betas = (OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"])
         optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=betas,
                                       weight_decay=OPTIMIZER["adam_weight_decay"], eps=OPTIMIZER["adam_epsilon"])
@@ -155,14 +158,14 @@ class Reference:
         losses = []
         for step in range(STEPS):
             parts, generators = batch_of_step(step)
-            latents = torch.cat([self.latents(pixels, generators) for pixels, _ in parts])  # (parts x B, 4, h, w)
-            ids = self.token_ids([caption for _, captions in parts for caption in captions])  # (parts x B, 77)
+            latents = torch.cat([self.latents(part[0], generators) for part in parts])  # (parts x B, 4, h, w)
+            ids = self.token_ids([caption for part in parts for caption in part[1]])  # (parts x B, 77)
             rows = generators * len(parts)
             timesteps = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in rows])  # (parts x B,)
             noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in rows])
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
             text = self.text_encoder(ids)[0]  # (parts x B, 77, D)
-            prediction = self.unet(noisy, timesteps, text).sample
+            prediction = predict(noisy, timesteps, text, parts)
             loss = loss_of(prediction.float(), noise.float())
             loss.backward()
             if max_grad_norm is not None:

@@ -309,7 +309,7 @@ def test_disk_full_before_any_checkpoint_in_the_cli(tmp_path, monkeypatch, capsy
     (dict(block_out_channels="32,64,64"), "block_out_channels must be a non-empty sequence of ints >= 1"),
     (dict(block_out_channels=(8, 0)), r"block_out_channels .*, got \(8, 0\)"),
     (dict(block_out_channels=()), "block_out_channels must be a non-empty sequence"),
-    (dict(random_flip="no"), "random_flip must be True or False, got 'no'"),
+    (dict(random_flip="no"), r"random_flip must be True, False or None \(its default for the method\), got 'no'"),
     (dict(seed=2 ** 64), r"seed must be an int in \[0, 2\*\*63\)"),
     (dict(seed=-1), "seed must be an int >= 0"),
     (dict(resolution=4), "resolution must be an int >= 8, got 4"),

@@ -48,13 +48,14 @@ def test_help_lists_the_methods_and_shows_the_defaults(capsys):
         cli.main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert "--method {full,lora,dreambooth,textual-inversion}" in text
+    assert "--method {full,lora,dreambooth,textual-inversion,controlnet}" in text
     for flag, default in [("--method", "full"), ("--lora-rank", "4"), ("--num-vectors", "1"),
                           ("--prior-loss-weight", "1.0"), ("--num-class-images", "100"),
                           ("--upscale-small-images", "False"), ("--gradient-checkpointing", "False")]:
         assert re.search(rf"{flag}\b.*?\(default: {re.escape(default)}\)", text), flag
     for words in ("--images TRAIN_DATA_DIR", "--prompt INSTANCE_PROMPT", "the built-in model", "alpha = r",
-                  "--placeholder-token", "--initializer-token", "--class-prompt", "--use-lora", "to_out.0"):
+                  "--placeholder-token", "--initializer-token", "--class-prompt", "--use-lora", "to_out.0",
+                  "--controlnet-model", "--conditioning-embedding-out-channels", "conditioning_image"):
         assert words in text, words
 
 

@@ -20,7 +20,7 @@ NOISE_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "P
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16")
-METHODS = ("full", "lora", "dreambooth", "textual-inversion")
+METHODS = ("full", "lora", "dreambooth", "textual-inversion", "controlnet")
 ADAPTER_METHODS = ("lora", "textual-inversion")  # and dreambooth with use_lora: only small added weights train
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # train_text_to_image_lora.py's target_modules
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # train_dreambooth_lora.py's text encoder targets
@@ -28,13 +28,15 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # train_dreamboo
 NUMBER_RANGES = {"learning_rate": "(0, inf)", "caption_dropout": "[0, 1]", "adam_beta1": "[0, 1)",
                  "adam_beta2": "[0, 1)", "adam_weight_decay": "[0, inf)", "adam_epsilon": "[0, inf)",
                  "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)", "prior_loss_weight": "[0, inf)"}
-PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume", "class_data_dir")  # str or os.PathLike (kept as str)
-BOOL_OPTIONS = ("random_flip", "class_conditional", "overwrite", "progress", "upscale_small_images",
+# str or os.PathLike (kept as str)
+PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume", "class_data_dir", "controlnet_model")
+BOOL_OPTIONS = ("class_conditional", "overwrite", "progress", "upscale_small_images",
                 "train_text_encoder", "use_lora", "with_prior_preservation", "gradient_checkpointing")
 # Options added with the personalisation methods: a checkpoint written before them was trained with their defaults.
 LATER_OPTIONS = ("method", "instance_prompt", "upscale_small_images", "lora_rank", "lora_alpha", "lora_target_modules",
                  "train_text_encoder", "use_lora", "with_prior_preservation", "class_prompt", "class_data_dir",
-                 "num_class_images", "prior_loss_weight", "placeholder_token", "initializer_token", "num_vectors")
+                 "num_class_images", "prior_loss_weight", "placeholder_token", "initializer_token", "num_vectors",
+                 "controlnet_model", "conditioning_embedding_out_channels")
 # Options a resumed run may change; every other option must equal the checkpoint's.
 RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite", "progress", "max_train_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "num_sample_images", "sample_steps", "train_batch_size",
@@ -51,7 +53,9 @@ class TrainConfig:
                                    "(or LoRA / embedding file)")
     method: str = option("full", "full: train every UNet weight; lora: LoRA adapters on captioned images; "
                                  "dreambooth: a subject under instance_prompt (whole UNet, or LoRA with --use-lora), "
-                                 "optionally with prior preservation; textual-inversion: a new token's embedding",
+                                 "optionally with prior preservation; textual-inversion: a new token's embedding; "
+                                 "controlnet: a ControlNet on the frozen model, from images paired with condition "
+                                 "images (metadata.jsonl's conditioning_image)",
                          choices=METHODS)
     # ---- data
     train_data_dir: str | None = option(None, "image folder (subfolders = classes; captions from metadata.jsonl or "
@@ -67,7 +71,9 @@ class TrainConfig:
     synthetic_images: int = option(1024, "size of the built-in synthetic dataset (without --train-data-dir)")
     resolution: int | None = option(None, "image size (default: the pretrained UNet's, else 32); images are resized "
                                           "(shorter side), centre-cropped and converted to RGB")
-    random_flip: bool = option(True, "flip images horizontally at random")
+    random_flip: bool | None = option(None, "flip images horizontally at random (a ControlNet's condition image "
+                                            "with its image); default: on, except for --method controlnet (as "
+                                            "train_controlnet.py: a pose map's left and right would swap)")
     # ---- model
     pretrained_model: str | None = option(None, "diffusers folder to fine-tune: a DDPM pipeline, a UNet folder, or "
                                                 "a Stable Diffusion pipeline (then captions condition the UNet); "
@@ -101,6 +107,13 @@ class TrainConfig:
     placeholder_token: str | None = option(None, "the new token, e.g. '<cat-toy>'")
     initializer_token: str | None = option(None, "a one-token word whose embedding starts the new token's, e.g. toy")
     num_vectors: int = option(1, "vectors of the new token (tokens <t>, <t>_1, ...)")
+    # ---- ControlNet (Zhang et al. 2023; diffusers' train_controlnet.py)
+    controlnet_model: str | None = option(None, "controlnet: a ControlNet folder to continue training (default: a "
+                                                "new one copied from the UNet's encoder, ControlNetModel.from_unet)")
+    conditioning_embedding_out_channels: tuple[int, ...] | None = option(
+        None, "controlnet: channels of the new ControlNet's condition-image encoder, one stride-2 step between "
+              "each, so their count sets its downsampling to the VAE's (default: 16,32,96,256 cut to the VAE's "
+              "factor: 4 entries for SD's 8, 2 for the built-in model's 2)", type="ints")
     # ---- diffusion
     noise_scheduler: str = option("ddpm", "scheduler whose add_noise makes x_t", choices=tuple(NOISE_SCHEDULERS))
     beta_schedule: str | None = option(None, "noise schedule (default: the pretrained one, else squaredcos_cap_v2)")
@@ -156,6 +169,11 @@ class TrainConfig:
         return self.use_ema if self.use_ema is not None else self.method == "full"
 
     @property
+    def flips(self) -> bool:
+        """random_flip, or its default: on, except for controlnet training (train_controlnet.py flips nothing)."""
+        return self.random_flip if self.random_flip is not None else self.method != "controlnet"
+
+    @property
     def trains_lora(self) -> bool:
         return self.method == "lora" or (self.method == "dreambooth" and self.use_lora)
 
@@ -163,7 +181,8 @@ class TrainConfig:
     def trajectory_options(self) -> dict[str, Any]:
         """The options that decide the losses and weights of a run (what a resume must not change)."""
         options = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
-        return {**options, "use_ema": self.keeps_ema}  # as resolved: an unset use_ema means its default
+        # as resolved: an unset use_ema or random_flip means the method's default
+        return {**options, "use_ema": self.keeps_ema, "random_flip": self.flips}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -203,8 +222,10 @@ class TrainConfig:
         for name in BOOL_OPTIONS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.use_ema is not None and not isinstance(self.use_ema, bool):
-            raise ValueError(f"use_ema must be True, False or None (its default for the method), got {self.use_ema!r}")
+        for name in ("use_ema", "random_flip"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None (its default for the method), got "
+                                 f"{getattr(self, name)!r}")
         if self.beta_schedule is not None:
             check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("noise_scheduler", self.noise_scheduler, NOISE_SCHEDULERS)
@@ -231,9 +252,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
-        if self.keeps_ema and self.trains_adapters:
+        if self.keeps_ema and (self.trains_adapters or method == "controlnet"):
+            what = "a ControlNet beside the frozen UNet" if method == "controlnet" else "only added weights"
             raise ValueError(f"use_ema keeps an average of the whole UNet; method {method!r}"
-                             f"{' with use_lora' if method == 'dreambooth' else ''} trains only added weights: "
+                             f"{' with use_lora' if method == 'dreambooth' else ''} trains {what}: "
                              "leave use_ema off (--no-use-ema)")
         # (option given, its name, whether this method uses it, the methods that do)
         owners = [(self.use_lora, "use_lora", method == "dreambooth", "dreambooth"),
@@ -242,7 +264,11 @@ class TrainConfig:
                    "textual-inversion"),
                   (self.initializer_token is not None, "initializer_token", method == "textual-inversion",
                    "textual-inversion"),
-                  (self.train_text_encoder, "train_text_encoder", self.trains_lora, "lora (or dreambooth with use_lora)")]
+                  (self.train_text_encoder, "train_text_encoder", self.trains_lora,
+                   "lora (or dreambooth with use_lora)"),
+                  (self.controlnet_model is not None, "controlnet_model", method == "controlnet", "controlnet"),
+                  (self.conditioning_embedding_out_channels is not None, "conditioning_embedding_out_channels",
+                   method == "controlnet", "controlnet")]
         for given, name, applies, owner in owners:
             if given and not applies:
                 raise ValueError(f"{name} applies to method {owner}, not {method!r}")
@@ -254,7 +280,15 @@ class TrainConfig:
             if missing:
                 raise ValueError(f"textual-inversion needs {' and '.join(missing)}, e.g. --placeholder-token "
                                  "'<cat-toy>' --initializer-token toy")
-        if self.trains_adapters and self.class_conditional:
+        channels = self.conditioning_embedding_out_channels
+        if channels is not None:
+            if isinstance(channels, str) or not channels or not all(_is_int(c) and c >= 1 for c in channels):
+                raise ValueError(f"conditioning_embedding_out_channels must be a non-empty sequence of ints >= 1 "
+                                 f"(e.g. 16,32,96,256), got {channels!r}")
+            if self.controlnet_model is not None:
+                raise ValueError("conditioning_embedding_out_channels shapes a new ControlNet, but controlnet_model "
+                                 f"{self.controlnet_model} brings its own: give one of the two")
+        if (self.trains_adapters or method == "controlnet") and self.class_conditional:
             raise ValueError(f"method {method!r} fine-tunes a Stable Diffusion pipeline; class_conditional "
                              "applies to pixel-space training")
 
@@ -305,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = {k: v for k, v in f.metadata.items() if k not in ("type", "aliases")}
         if f.metadata.get("type") in ("ints", "strs"):
             kwargs["type"] = _ints if f.metadata["type"] == "ints" else _strs
-            kwargs["help"] = f"{kwargs['help']} (default: {','.join(map(str, f.default))})"  # as typed, not a tuple
+            if f.default is not None:  # as typed, not a tuple
+                kwargs["help"] = f"{kwargs['help']} (default: {','.join(map(str, f.default))})"
         elif f.type.startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "nargs" not in kwargs:

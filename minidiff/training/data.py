@@ -63,31 +63,45 @@ def load_batch(dataset, indices: Sequence[int], generators: list[torch.Generator
 
 
 def _stack(examples: list[dict], generators: list[torch.Generator], random_flip: bool) -> dict:
-    pixels = []
+    """The examples' tensors stacked (a condition image, ``conditioning_pixel_values``, flipped with its image)."""
+    keys = [key for key in ("pixel_values", "conditioning_pixel_values") if key in examples[0]]
+    stacked = {key: [] for key in keys}
     for example, generator in zip(examples, generators):
-        image = example["pixel_values"]
-        if random_flip and torch.rand(1, generator=generator).item() < 0.5:
-            image = image.flip(-1)
-        pixels.append(image)
-    return {"pixel_values": torch.stack(pixels), "class_labels": torch.tensor([e["class_label"] for e in examples]),
+        flip = random_flip and torch.rand(1, generator=generator).item() < 0.5
+        for key in keys:
+            stacked[key].append(example[key].flip(-1) if flip else example[key])
+    return {**{key: torch.stack(images) for key, images in stacked.items()},
+            "class_labels": torch.tensor([e["class_label"] for e in examples]),
             "captions": [e["caption"] for e in examples]}
 
 
 # ---- image files ------------------------------------------------------------------------------------------------
-def to_model_image(image: PIL.Image.Image, resolution: int, channels: int) -> torch.Tensor:
-    """Any PIL image -> (channels, resolution, resolution) in [-1, 1]: transparent pixels composited on white,
-    converted to RGB (or L), the shorter side resized to ``resolution`` (bicubic), then centre-cropped."""
+def fit_image(image: PIL.Image.Image, resolution: int, channels: int,
+              resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
+    """Any PIL image -> a ``resolution``-square RGB (or L) image: transparent pixels composited on white, the
+    shorter side resized to ``resolution`` (``resample``), then centre-cropped."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, "white"), rgba)
     image = image.convert("RGB" if channels == 3 else "L")
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, resample=PIL.Image.BICUBIC)
+    image = image.resize(size, resample=resample)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_model_image(image: PIL.Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    """Any PIL image -> (channels, resolution, resolution) in [-1, 1] (:func:`fit_image`, bicubic)."""
+    array = np.asarray(fit_image(image, resolution, channels), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.reshape(resolution, resolution, channels)).permute(2, 0, 1).contiguous()
+
+
+def to_condition_image(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
+    """A ControlNet's condition image -> (3, resolution, resolution) in [0, 1], not normalised (train_controlnet.py:
+    bilinear resize, centre crop, ToTensor)."""
+    array = np.asarray(fit_image(image, resolution, 3, PIL.Image.BILINEAR), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class ImageFolderDataset:
@@ -98,12 +112,16 @@ class ImageFolderDataset:
     ``with_captions``: from ``root/metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``, the Hugging Face
     imagefolder convention) or else a ``.txt`` file beside each image with the same stem, or else
     ``default_caption`` (DreamBooth's instance prompt).
+    ``with_conditioning`` (ControlNet training): each metadata.jsonl line also names the image's condition image,
+    ``"conditioning_image": "conditions/0.png"`` (train_controlnet.py's column), a path under ``root``; those files
+    are not training images themselves, and each example adds ``conditioning_pixel_values`` (3, H, W) in [0, 1].
     An image smaller than ``resolution`` on its shorter side is an error unless ``upscale_small`` (then it is
     resized up like any other): upscaling a 64px photo to 512 is rarely what one wants to train on.
     """
 
     def __init__(self, root: str, resolution: int, channels: int = 3, with_labels: bool = False,
-                 with_captions: bool = False, default_caption: str | None = None, upscale_small: bool = True):
+                 with_captions: bool = False, default_caption: str | None = None, upscale_small: bool = True,
+                 with_conditioning: bool = False):
         if not os.path.exists(root):
             raise FileNotFoundError(f"train_data_dir {root} does not exist")
         if not os.path.isdir(root):
@@ -113,10 +131,14 @@ class ImageFolderDataset:
             os.path.relpath(os.path.join(folder, name), root)
             for folder, _, names in os.walk(root) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
         )
+        self.metadata = self._read_metadata() if with_captions or with_conditioning else {}
+        self.conditioning = self._find_conditioning() if with_conditioning else {}
+        conditions = set(self.conditioning.values())
+        self.files = [f for f in self.files if f not in conditions]
         if not self.files:
             raise ValueError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)")
-        for relative in self.files:  # every file decoded once: a corrupt one is named before a run writes anything
-            with self._decoded(relative) as image:
+        for relative in self.files + sorted(conditions):  # each decoded once: a corrupt file is named before a run
+            with self._decoded(relative) as image:        # writes anything
                 if not upscale_small and min(image.size) < resolution:
                     raise ValueError(f"image {os.path.join(root, relative)} is {image.width}x{image.height}, smaller "
                                      f"than the training resolution {resolution}: use larger images, a smaller "
@@ -142,19 +164,27 @@ class ImageFolderDataset:
                              f"{len(loose)} image(s) lie directly in it, e.g. {loose[0]}")
         return sorted({f.split(os.sep)[0] for f in self.files})
 
-    def _find_captions(self, default_caption: str | None) -> dict[str, str]:
-        metadata = os.path.join(self.root, "metadata.jsonl")
-        captions = {}
-        if os.path.isfile(metadata):
-            with open(metadata, encoding="utf-8") as handle:
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.root, "metadata.jsonl")
+
+    def _read_metadata(self) -> dict[str, dict]:
+        """metadata.jsonl's lines by their (normalised) file_name; {} without the file."""
+        entries = {}
+        if os.path.isfile(self.metadata_path):
+            with open(self.metadata_path, encoding="utf-8") as handle:
                 for number, line in enumerate(handle, 1):
                     if line.strip():
                         try:
                             entry = json.loads(line)
-                            captions[os.path.normpath(entry["file_name"])] = str(entry["text"])
+                            entries[os.path.normpath(entry["file_name"])] = {**entry, "text": str(entry["text"])}
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            raise ValueError(f"{metadata} line {number} is not a JSON object with "
+                            raise ValueError(f"{self.metadata_path} line {number} is not a JSON object with "
                                              "'file_name' and 'text'") from None
+        return entries
+
+    def _find_captions(self, default_caption: str | None) -> dict[str, str]:
+        captions = {relative: entry["text"] for relative, entry in self.metadata.items()}
         for relative in self.files:
             sidecar = os.path.join(self.root, os.path.splitext(relative)[0] + ".txt")
             if relative not in captions and os.path.isfile(sidecar):
@@ -169,6 +199,30 @@ class ImageFolderDataset:
                              "with --prompt (instance_prompt)")
         return captions
 
+    def _find_conditioning(self) -> dict[str, str]:
+        """image -> its condition image (paths relative to ``root``), from metadata.jsonl's conditioning_image."""
+        example = '{"file_name": "0.png", "text": "a caption", "conditioning_image": "conditions/0.png"}'
+        if not self.metadata:
+            missing = not os.path.isfile(self.metadata_path)
+            state = "does not exist" if missing else "is empty"
+            raise (FileNotFoundError if missing else ValueError)(f"ControlNet training pairs each image with a condition image, read from "
+                             f"{self.metadata_path}, which {state}; write one line per image such as {example}")
+        pairs = {}
+        for relative, entry in self.metadata.items():
+            if "conditioning_image" in entry:
+                condition = os.path.normpath(str(entry["conditioning_image"]))
+                if not os.path.isfile(os.path.join(self.root, condition)):
+                    raise FileNotFoundError(f"{self.metadata_path}: the conditioning_image {condition} of {relative} "
+                                            f"is not a file in {self.root}")
+                pairs[relative] = condition
+        conditions = set(pairs.values())
+        unpaired = [f for f in self.files if f not in pairs and f not in conditions]
+        if unpaired:
+            raise ValueError(f"{len(unpaired)} image(s) in {self.root} have no conditioning_image in metadata.jsonl "
+                             f"(e.g. {unpaired[0]}); ControlNet training needs one per image, as in {example}, or "
+                             "move the image out of the folder")
+        return pairs
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -181,7 +235,11 @@ class ImageFolderDataset:
         with self._decoded(relative) as image:
             pixels = to_model_image(image, self.resolution, self.channels)
         label = self.classes.index(relative.split(os.sep)[0]) if self.classes else 0
-        return {"pixel_values": pixels, "class_label": label, "caption": self.captions.get(relative, "")}
+        example = {"pixel_values": pixels, "class_label": label, "caption": self.captions.get(relative, "")}
+        if self.conditioning:
+            with self._decoded(self.conditioning[relative]) as condition:
+                example["conditioning_pixel_values"] = to_condition_image(condition, self.resolution)
+        return example
 
 
 class PriorPreservationDataset:

@@ -125,8 +125,10 @@ class Trainer:
         return None
 
     def _enable_gradient_checkpointing(self) -> None:
-        """On the UNet, and on the text encoder when the method trains part of it."""
+        """On the UNet (and a ControlNet), and on the text encoder when the method trains part of it."""
         self.unet.enable_gradient_checkpointing()
+        if getattr(self.task, "controlnet", None) is not None:
+            self.task.controlnet.enable_gradient_checkpointing()
         text_encoder = getattr(self.task.pipe, "text_encoder", None)
         if text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters()):
             text_encoder.enable_gradient_checkpointing()
@@ -196,7 +198,7 @@ class Trainer:
             positions = micro_batch_positions(config.train_batch_size, config.gradient_accumulation_steps, dist.rank,
                                               micro)
             generators = sample_generators(config.seed, self.step, positions)
-            batch = load_batch(self.dataset, [indices[p] for p in positions], generators, config.random_flip)
+            batch = load_batch(self.dataset, [indices[p] for p in positions], generators, config.flips)
             encoded = self.task.encode(batch, generators)
             with dist.no_sync(self.model, skip=micro < config.gradient_accumulation_steps - 1):
                 total += training_step(self.model, scheduler, encoded.x0, encoded.generators,
@@ -269,9 +271,10 @@ class Trainer:
             self.ema.model.save_pretrained(os.path.join(folder, "unet_ema"))
         plots.save_png(plots.loss_curve(self.losses), os.path.join(folder, "loss.png"))
         if self.config.num_sample_images:
+            training = self.unet.training  # a ControlNet's frozen UNet stays in eval mode
             unet = self.sampling_unet.eval()
             images = self.task.sample(unet, self.config.num_sample_images, self.config.sample_steps, self.config.seed)
-            self.unet.train()
+            self.unet.train(training)
             plots.save_png(plots.image_grid(images), os.path.join(folder, "samples.png"))
 
     def _state(self) -> dict:

@@ -8,6 +8,8 @@ what a checkpoint and the export hold, and what happens after each optimizer ste
   diffusers' ``pytorch_lora_weights.safetensors``.
 - ``TextualInversionTraining``: one new token (n vectors) whose embedding rows train while everything else stays
   fixed (Gal et al. 2022, Eq. 2; diffusers' ``textual_inversion.py``); the export is ``learned_embeds.safetensors``.
+- ``ControlNetTraining``: a ControlNet (Zhang et al. 2023) beside the frozen UNet, VAE and text encoder
+  (diffusers' ``train_controlnet.py``); the export is the ControlNet's folder (config.json + weights).
 
 DreamBooth (Ruiz et al. 2023) is the data side: an instance prompt, and with prior preservation class images drawn
 by the frozen model before training (:func:`prepare_class_images`); the loss weighting lives in the task.
@@ -207,6 +209,40 @@ class TextualInversionTraining:
                "pipe.load_textual_inversion"
 
 
+class ControlNetTraining:
+    """Every ControlNet weight trains (the task built it: a copy of the UNet's encoder, zero convolutions at zero);
+    checkpoints hold controlnet/, the export is ``output_dir`` itself as a ControlNetModel folder, as
+    train_controlnet.py's ``controlnet.save_pretrained(output_dir)``."""
+
+    def __init__(self, task, config: TrainConfig):
+        self.task, self.controlnet = task, task.controlnet
+        for model in (task.unet, task.pipe.text_encoder, task.vae):
+            model.requires_grad_(False)
+        self.controlnet.requires_grad_(True)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return dict(self.controlnet.named_parameters())
+
+    def after_step(self) -> None:
+        pass
+
+    def save(self, folder: str, unet, final: bool) -> str:
+        path = folder if final else os.path.join(folder, "controlnet")
+        self.controlnet.save_pretrained(path)
+        return path
+
+    def load(self, checkpoint: str) -> None:
+        load_model_weights(self.controlnet, os.path.join(checkpoint, "controlnet"))
+
+    def summary(self) -> str:
+        trained, frozen = count(self.trainable().values()), count(self.task.unet.parameters())
+        return f"training all {trained:,} ControlNet weights beside {frozen:,} frozen UNet ones"
+
+    def describe_output(self, path: str) -> str:
+        return f"ControlNet in {path}; load it with ControlNetModel.from_pretrained and pass it as controlnet= to " \
+               "StableDiffusionControlNetPipeline"
+
+
 def check_token_options(tokenizer, tokens: list[str], initializer_token: str) -> int:
     """The id of the one-token ``initializer_token``; new ``tokens`` must not be in the vocabulary already."""
     vocabulary = tokenizer.get_vocab()
@@ -227,6 +263,8 @@ def build_method(config: TrainConfig, task):
     """The strategy for ``config.method`` on a built task (the models are changed here: adapters, tokens)."""
     if config.method == "textual-inversion":
         return TextualInversionTraining(task, config)
+    if config.method == "controlnet":
+        return ControlNetTraining(task, config)
     if config.trains_lora:
         return LoRATraining(task, config)
     return FullTraining(task, config)

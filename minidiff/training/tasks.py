@@ -5,7 +5,9 @@
 - ``LatentTextDiffusion``: Stable Diffusion fine-tuning (Rombach et al. 2022): x0 are VAE latents of the image, the
   UNet2DConditionModel sees CLIP embeddings of the caption; the VAE stays frozen, the text encoder too unless the
   method trains part of it (LoRA on it, a textual-inversion token). With DreamBooth's prior preservation each batch
-  also holds as many class images, weighted by ``prior_loss_weight`` (Ruiz et al. 2023, Eq. 2).
+  also holds as many class images, weighted by ``prior_loss_weight`` (Ruiz et al. 2023, Eq. 2). With a ControlNet
+  (Zhang et al. 2023, Eq. 2; ``train_controlnet.py``) each image comes with its condition image, the ControlNet
+  sees it with x_t and the text, and its residuals join the frozen UNet's skips.
 
 ``task.encode(batch, generators)`` gives :class:`Encoded`: what ``loop.training_step`` needs for one micro-batch.
 ``task.denoiser`` is the module the loop calls (and DDP wraps): ``denoiser(x_t, t, **conditioning).sample``.
@@ -76,31 +78,40 @@ class PixelDiffusion:
 
 
 class TextConditionedUNet(nn.Module):
-    """The UNet on the text encoder's embeddings of token ids: what the loop calls, so that a trained text
-    encoder (LoRA, a new token) is part of the differentiated (and DDP-synchronised) model. A frozen text encoder
-    runs without a graph; the text encoder always runs in float32 (outside bf16 autocast), as a frozen one did."""
+    """The UNet on the text encoder's embeddings of token ids (and, given a ControlNet, on its residuals for the
+    condition image ``controlnet_cond``): what the loop calls, so that a trained text encoder (LoRA, a new token) or
+    ControlNet is part of the differentiated (and DDP-synchronised) model. A frozen text encoder runs without a
+    graph; the text encoder always runs in float32 (outside bf16 autocast), as a frozen one did."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, unet, text_encoder, controlnet=None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.controlnet = unet, text_encoder, controlnet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor) -> BaseOutput:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor,
+                controlnet_cond: torch.Tensor | None = None) -> BaseOutput:
         trains_text = any(p.requires_grad for p in self.text_encoder.parameters())
         with torch.autocast(sample.device.type, enabled=False), contextlib.nullcontext() if trains_text \
                 else torch.no_grad():
             text = self.text_encoder(input_ids)[0]  # (B, 77, D)
-        return self.unet(sample, timestep, encoder_hidden_states=text)
+        if self.controlnet is None:
+            return self.unet(sample, timestep, encoder_hidden_states=text)
+        down, mid = self.controlnet(sample, timestep, text, controlnet_cond=controlnet_cond, return_dict=False)
+        return self.unet(sample, timestep, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid)
 
 
 class LatentTextDiffusion:
     def __init__(self, pipe, scheduler, resolution: int, caption_dropout: float, prompts: list[str],
-                 prior_loss_weight: float, base_model: str):
+                 prior_loss_weight: float, base_model: str, controlnet=None,
+                 conditions: torch.Tensor | None = None):
         """``scheduler`` makes the training noise (``add_noise``); ``pipe.scheduler`` is what the export samples
-        with."""
+        with. With ``controlnet``, ``conditions`` (N, 3, H, W) are the condition images of the sample grids'
+        ``prompts``."""
         self.pipe, self.resolution, self.caption_dropout, self.prompts = pipe, resolution, caption_dropout, prompts
         self.unet, self.scheduler, self.vae, self.channels = pipe.unet, scheduler, pipe.vae, 3
         self.prior_loss_weight, self.base_model = prior_loss_weight, base_model
-        self.denoiser = TextConditionedUNet(pipe.unet, pipe.text_encoder)
+        self.controlnet, self.conditions = controlnet, conditions
+        self.denoiser = TextConditionedUNet(pipe.unet, pipe.text_encoder, controlnet)
         pipe.vae.requires_grad_(False).eval()
         pipe.text_encoder.requires_grad_(False).eval()
         pipe.set_progress_bar_config(disable=True)
@@ -110,6 +121,9 @@ class LatentTextDiffusion:
         [instance; class] and the rows' weights make the loss ``mse(instance) + prior_loss_weight * mse(class)``
         (``train_dreambooth.py``); each sample's generator serves its class image too, after its own draws."""
         x0, ids = self._encode(batch, generators)
+        if self.controlnet is not None:
+            cond = batch["conditioning_pixel_values"].to(x0.device)  # (B, 3, H, W) in [0, 1]
+            return Encoded(x0, {"input_ids": ids, "controlnet_cond": cond}, generators)
         if "class_batch" not in batch:
             return Encoded(x0, {"input_ids": ids}, generators)
         class_x0, class_ids = self._encode(batch["class_batch"], generators)
@@ -135,13 +149,22 @@ class LatentTextDiffusion:
 
     @torch.no_grad()
     def sample(self, unet, count: int, steps: int, seed: int) -> np.ndarray:
-        """Text-to-image with the pipeline (DDIM, guidance 7.5) for the first ``count`` captions of the data."""
-        pipe = minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet))
+        """Text-to-image with the pipeline (DDIM, guidance 7.5) for the first ``count`` captions of the data (and,
+        with a ControlNet, their condition images)."""
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(count)]
+        options = {}
+        if self.controlnet is None:
+            pipe = minidiff.StableDiffusionPipeline(**dict(self.pipe.components, unet=unet))
+        else:
+            pipe = minidiff.StableDiffusionControlNetPipeline(**dict(self.pipe.components, unet=unet),
+                                                              controlnet=self.controlnet.eval())
+            options["image"] = self.conditions[torch.arange(count) % len(self.conditions)]  # (count, 3, H, W)
         pipe.scheduler = minidiff.DDIMScheduler.from_config(self.pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        prompts = [self.prompts[i % len(self.prompts)] for i in range(count)]
         images = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=steps,
-                      generator=torch.Generator().manual_seed(seed), output_type="np").images
+                      generator=torch.Generator().manual_seed(seed), output_type="np", **options).images
+        if self.controlnet is not None:
+            self.controlnet.train()
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
     def save(self, folder: str, unet, complete: bool = True) -> None:
@@ -212,23 +235,35 @@ def base_model_folder(config: TrainConfig) -> str | None:
 
 def make_dataset(config: TrainConfig, resolution: int, channels: int, with_captions: bool = False, dataset=None):
     """``dataset`` if given (checked), else ``train_data_dir``'s images, else the synthetic shapes."""
+    conditioned = config.method == "controlnet"
     if dataset is not None:
-        pixels = dataset[0]["pixel_values"] if len(dataset) else None
-        if pixels is None or tuple(pixels.shape) != (channels, resolution, resolution):
-            raise ValueError(f"dataset examples must be dicts whose 'pixel_values' are ({channels}, {resolution}, "
-                             f"{resolution}) tensors in [-1, 1]; the first has shape "
-                             f"{None if pixels is None else tuple(pixels.shape)}")
+        check_dataset(dataset, channels, resolution, conditioned)
         return dataset
     if config.train_data_dir is None:
-        if config.method in ("dreambooth", "textual-inversion") or config.instance_prompt is not None:
-            what = "instance_prompt" if config.method not in ("dreambooth", "textual-inversion") else \
-                f"method {config.method!r}"
-            raise ValueError(f"{what} needs your images: pass train_data_dir (--images DIR); without it the run "
+        if config.method in ("dreambooth", "textual-inversion", "controlnet") or config.instance_prompt is not None:
+            what = f"method {config.method!r}" if config.method != "full" else "instance_prompt"
+            yours = "your images and their condition images" if conditioned else "your images"
+            raise ValueError(f"{what} needs {yours}: pass train_data_dir (--images DIR); without it the run "
                              "would train on the built-in synthetic shapes and their own captions")
         return SyntheticShapes(config.synthetic_images, resolution, channels, seed=config.seed)
     return ImageFolderDataset(config.train_data_dir, resolution, channels, with_labels=config.class_conditional,
                               with_captions=with_captions, default_caption=config.instance_prompt,
-                              upscale_small=config.upscale_small_images)
+                              upscale_small=config.upscale_small_images, with_conditioning=conditioned)
+
+
+def check_dataset(dataset, channels: int, resolution: int, conditioned: bool) -> None:
+    """A dataset given in Python: its first example's ``pixel_values`` (and, for a ControlNet, its
+    ``conditioning_pixel_values``) must be tensors of the training shape."""
+    example = dataset[0] if len(dataset) else {}
+    wanted = {"pixel_values": (channels, "[-1, 1]")}
+    if conditioned:
+        wanted["conditioning_pixel_values"] = (3, "[0, 1] (the ControlNet's condition image)")
+    for key, (width, values) in wanted.items():
+        tensor = example.get(key) if isinstance(example, dict) else None
+        shape = tuple(tensor.shape) if torch.is_tensor(tensor) else None
+        if shape != (width, resolution, resolution):
+            raise ValueError(f"dataset examples must be dicts whose {key!r} are ({width}, {resolution}, "
+                             f"{resolution}) tensors in {values}; the first has shape {shape}")
 
 
 def dataset_classes(dataset) -> int:
@@ -297,19 +332,50 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
     factor = pipe.vae_scale_factor
     resolution = config.resolution or pipe.unet.config.sample_size * factor
     check_resolution(resolution, len(pipe.unet.config.block_out_channels), factor)
+    controlnet = make_controlnet(config, pipe) if config.method == "controlnet" else None
     dataset = make_dataset(config, resolution, 3, with_captions=True, dataset=dataset)
     if config.method == "textual-inversion":
         _check_placeholder_in_captions(dataset, config.placeholder_token)
-    prompts = [config.validation_prompt] if config.validation_prompt else [
-        dataset[i]["caption"] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
+    shown = [dataset[i] for i in range(min(len(dataset), max(config.num_sample_images, 1)))]
+    prompts = [config.validation_prompt] if config.validation_prompt else [example["caption"] for example in shown]
+    conditions = torch.stack([e["conditioning_pixel_values"] for e in shown]) if controlnet is not None else None
     training_scheduler = noise_scheduler(config, pipe.scheduler.config)
     # the pipeline keeps its own sampler (as diffusers' scripts export it), with the schedule options applied
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **schedule_overrides(config))
     pipe.to(device)
-    pipe.unet.train()
+    if controlnet is None:
+        pipe.unet.train()
+    else:  # train_controlnet.py: the UNet frozen as loaded (eval), the ControlNet in train mode
+        controlnet.to(device).train()
     task = LatentTextDiffusion(pipe, training_scheduler, resolution, config.caption_dropout, prompts,
-                               config.prior_loss_weight, base_model_folder(config))
+                               config.prior_loss_weight, base_model_folder(config), controlnet, conditions)
     return task, dataset
+
+
+CONDITIONING_CHANNELS = (16, 32, 96, 256)  # ControlNetModel's default conditioning_embedding_out_channels
+
+
+def make_controlnet(config: TrainConfig, pipe):
+    """The ControlNet to train: ``controlnet_model``'s, or a new one copied from the UNet's encoder whose condition
+    encoder shrinks the image by the VAE's factor; checked against the UNet as the ControlNet pipeline checks it."""
+    if config.controlnet_model is not None:
+        if not os.path.isfile(os.path.join(config.controlnet_model, "config.json")):
+            raise FileNotFoundError(f"controlnet_model {config.controlnet_model} is not a ControlNet folder "
+                                    "(config.json + diffusion_pytorch_model.safetensors)")
+        controlnet = minidiff.ControlNetModel.from_pretrained(config.controlnet_model)
+    else:
+        factor = pipe.vae_scale_factor
+        steps = round(math.log2(factor))
+        channels = config.conditioning_embedding_out_channels or CONDITIONING_CHANNELS[:steps + 1]
+        if 2 ** (len(channels) - 1) != factor:
+            raise ValueError(f"conditioning_embedding_out_channels={','.join(map(str, channels))} shrink the "
+                             f"condition image by {2 ** (len(channels) - 1)} (one stride-2 step between entries) but "
+                             f"the VAE shrinks the image by {factor}: give {steps + 1} entries, e.g. "
+                             f"{','.join(str(16 * 2 ** i) for i in range(steps + 1))}")
+        torch.manual_seed(config.seed)  # the condition encoder's random init (the rest is copied or zero)
+        controlnet = minidiff.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+    minidiff.StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)  # fits the UNet, or says why
+    return controlnet
 
 
 def _check_placeholder_in_captions(dataset, placeholder: str) -> None:
