@@ -35,8 +35,9 @@ def stage(name: str, timings: list[tuple[str, float]]):
 
 ATTENTION_BACKENDS = ("sdpa", "math", "chunked")
 COMMANDS = {  # name -> (one line for `minidiff --help`, the description of `minidiff <name> --help`)
-    "generate": ("draw an image from a prompt (text to image)",
-                 "Draw an image from --prompt with classifier-free guidance and write it to --output."),
+    "generate": ("draw an image from a prompt (text to image), optionally controlled by a condition image",
+                 "Draw an image from --prompt with classifier-free guidance and write it to --output; with "
+                 "--control-image, a ControlNet (--controlnet) makes it follow that condition image."),
     "img2img": ("redraw an image under a prompt (SDEdit)",
                 "Noise --image part of the way (--strength) and denoise it under --prompt."),
     "inpaint": ("repaint the white part of a mask under a prompt",
@@ -46,7 +47,7 @@ COMMANDS = {  # name -> (one line for `minidiff --help`, the description of `min
              "Deterministic (DDIM with eta = 0, whatever the model's scheduler), so it takes no seed or scheduler."),
 }
 OVERWRITE_RULE = ("an existing --output is refused unless --overwrite is given; an --output naming an input "
-                  "(--image, --mask) is always refused")
+                  "(--image, --mask, --control-image) is always refused")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -85,6 +86,15 @@ def add_sampling_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     if name != "edit":
         sub.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
         sub.add_argument("--seed", type=int, default=0, help="seed of the noise, an integer in [0, 2**64)")
+    if name == "generate":
+        sub.add_argument("--control-image", help="condition image for a ControlNet (an outline, edge, depth or pose "
+                                                 "map; the output takes its size unless --height/--width are given); "
+                                                 "the built-in model's outline ControlNet draws the shape inside a "
+                                                 "32x32 white-on-black outline")
+        sub.add_argument("--controlnet", help="ControlNet folder or single-file .safetensors for --control-image "
+                                              "(default with the built-in model: its outline ControlNet)")
+        sub.add_argument("--control-scale", type=float, default=1.0,
+                         help="weight of the ControlNet's residuals (controlnet_conditioning_scale; 0: no control)")
     if name in ("generate", "inpaint"):
         sub.add_argument("--height", type=int, help="image height, a positive multiple of 8 (default: the model's)")
         sub.add_argument("--width", type=int, help="image width, a positive multiple of 8 (default: the model's)")
@@ -113,8 +123,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     train = commands.add_parser("train", help="train or fine-tune a diffusion model", formatter_class=HelpFormatter,
                                 description="Train or fine-tune a UNet on an image folder (or the built-in shapes), "
                                             "or teach a Stable Diffusion model a concept from a few images "
-                                            "(--method lora, dreambooth, textual-inversion; the built-in model by "
-                                            "default), writing resumable checkpoints to --output-dir.")
+                                            "(--method lora, dreambooth, textual-inversion), or train a ControlNet "
+                                            "on images paired with condition images (--method controlnet); the "
+                                            "built-in model by default, writing resumable checkpoints to "
+                                            "--output-dir.")
     add_arguments(train)
     return parser.parse_args(argv)
 
@@ -137,6 +149,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and (value <= 0 or value % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got --{flag} {value}")
+    if getattr(args, "controlnet", None) and not args.control_image:
+        raise ValueError(f"--controlnet {args.controlnet} needs --control-image: the condition image it reads")
+    if hasattr(args, "control_scale") and not math.isfinite(args.control_scale):
+        raise ValueError(f"--control-scale must be a finite number, got {args.control_scale}")
 
 
 def split_lora_flag(value: str) -> tuple[str, float]:
@@ -186,7 +202,8 @@ def load_loras(pipe, loras: list[tuple[str, str, float]]) -> None:
 
 def input_files(args: argparse.Namespace) -> dict[str, str]:
     """``{flag: path}`` of the command's input images."""
-    return {flag: getattr(args, flag[2:]) for flag in ("--image", "--mask") if getattr(args, flag[2:], None)}
+    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in ("--image", "--mask", "--control-image")
+            if getattr(args, flag[2:].replace("-", "_"), None)}
 
 
 def same_file(a: str, b: str) -> bool:
@@ -226,6 +243,26 @@ def check_output(path: str, inputs: dict[str, str], overwrite: bool) -> None:
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
+def load_controlnet(path: str | None, model: str | None):
+    """--controlnet (a folder or an original .safetensors file), or with the built-in model its outline
+    ControlNet."""
+    from minidiff.models.controlnet import ControlNetModel
+
+    if path is None:
+        if model is not None:
+            raise ValueError(f"--control-image with --model {model} needs --controlnet: a ControlNet trained for that "
+                             "model (the built-in outline ControlNet fits the built-in model only)")
+        from minidiff.builtin import builtin_controlnet_folder
+
+        return ControlNetModel.from_pretrained(builtin_controlnet_folder())
+    if os.path.isdir(path):
+        return ControlNetModel.from_pretrained(path)
+    if os.path.isfile(path):
+        return ControlNetModel.from_single_file(path)
+    raise FileNotFoundError(f"--controlnet {path} does not exist; pass a ControlNet folder (config.json + weights) "
+                            "or an original .safetensors file")
+
+
 def load_pipeline(pipeline_class, model: str | None):
     """A diffusers folder, a single-file checkpoint, or (no --model) the built-in model."""
     if model is None:
@@ -252,6 +289,8 @@ def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Ima
         kwargs.update(prompt_weighting=args.prompt_weighting)
     if args.command in ("generate", "inpaint"):
         kwargs.update(height=args.height, width=args.width)
+    if "--control-image" in images:
+        kwargs.update(image=images["--control-image"], controlnet_conditioning_scale=args.control_scale)
     if args.command == "img2img":
         kwargs.update(image=images["--image"], strength=args.strength)
     if args.command == "inpaint":
@@ -276,6 +315,9 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
         "edit": pipelines.StableDiffusionDDIMInversionPipeline,
     }[args.command]
     if args.model is not None and is_sdxl_model(args.model):  # an SDXL folder or file: the command's SDXL pipeline
+        if getattr(args, "control_image", None):
+            raise ValueError(f"--model {args.model} is an SDXL model; --control-image runs SD 1.x/2.x ControlNets "
+                             "only")
         if args.command == "edit":
             raise ValueError(f"--model {args.model} is an SDXL model; edit (DDIM inversion) runs SD 1.x/2.x models "
                              "only: use img2img (with --strength) to redraw an image with SDXL")
@@ -287,6 +329,9 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
                           "inpaint": pipelines.StableDiffusionXLInpaintPipeline}[args.command]
     with stage("load", timings):
         pipe = load_pipeline(pipeline_class, args.model)
+        if getattr(args, "control_image", None):  # the model's components with the ControlNet beside its UNet
+            controlnet = load_controlnet(args.controlnet, args.model)
+            pipe = pipelines.StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
         load_loras(pipe, loras)
         if getattr(args, "scheduler", None):
             pipe.scheduler = getattr(schedulers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)

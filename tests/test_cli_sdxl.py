@@ -135,6 +135,7 @@ def test_lora_flag_on_sdxl_gives_the_apis_image(sdxl, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["edit", "--source-prompt", "a circle", "--image", "IMAGE"], "is an SDXL model; edit (DDIM inversion) runs SD"),
     (["generate", "--prompt-weighting", "compel"], "--prompt-weighting is not supported for SDXL models"),
+    (["generate", "--control-image", "IMAGE"], "is an SDXL model; --control-image runs SD 1.x/2.x ControlNets only"),
 ])
 def test_what_sdxl_cannot_do_stops_with_one_line(sdxl, tmp_path, capsys, monkeypatch, args, message):
     _, folder = sdxl
