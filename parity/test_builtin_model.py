@@ -1,15 +1,19 @@
-"""The built-in model (minidiff/weights/tiny-shapes) in diffusers and transformers: the shipped folder loads there
-unchanged, and the same prompt and seed give the same image as in minidiff."""
+"""The built-in model (minidiff/weights/tiny-shapes) and its outline ControlNet (tiny-shapes-outline) in diffusers
+and transformers: the shipped folders load there unchanged, and the same prompt and seed give the same image as in
+minidiff."""
 
 from __future__ import annotations
 
 import diffusers
+import PIL.Image
 import pytest
 import torch
 import transformers
 
 import minidiff
-from minidiff.builtin import builtin_model_folder
+from minidiff.builtin import builtin_controlnet_folder, builtin_model_folder
+from minidiff.pipelines.conditions import outline
+from minidiff.training.shapes import shape_alpha
 from parity.report import compare, compare_exact
 from tests.training_fixtures import one_thread  # noqa: F401  (the tiny model runs fastest single-threaded)
 
@@ -73,3 +77,23 @@ def test_text_to_image_other_scheduler_and_negative_prompt(pipelines):
     ours = mine(**kwargs, generator=torch.Generator().manual_seed(5)).images
     theirs = reference(**kwargs, generator=torch.Generator().manual_seed(5)).images
     compare("StableDiffusionPipeline", "built-in model, DPM++ 12 steps, negative prompts", ours, theirs, NP_TOL, "abs")
+
+
+def test_the_shipped_outline_controlnet(pipelines):
+    """minidiff/weights/tiny-shapes-outline loads in diffusers' ControlNetModel and draws the same image there."""
+    reference, mine = pipelines
+    folder = builtin_controlnet_folder()
+    theirs_pipe = diffusers.StableDiffusionControlNetPipeline(
+        **reference.components, controlnet=diffusers.ControlNetModel.from_pretrained(folder))
+    ours_pipe = minidiff.StableDiffusionControlNetPipeline(
+        **mine.components, controlnet=minidiff.ControlNetModel.from_pretrained(folder))
+    assert theirs_pipe.controlnet.dtype == ours_pipe.controlnet.dtype == torch.float32
+    condition = PIL.Image.fromarray(outline(shape_alpha("triangle", (20.0, 12.0), 8.0, 32) > 0.5))
+    kwargs = dict(prompt="a yellow triangle on a blue background", image=condition, num_inference_steps=20,
+                  guidance_scale=5.0, output_type="np")
+    for pipe in (theirs_pipe, ours_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    ours = ours_pipe(**kwargs, generator=torch.Generator().manual_seed(2)).images
+    theirs = theirs_pipe(**kwargs, generator=torch.Generator().manual_seed(2)).images
+    compare("StableDiffusionControlNetPipeline", "built-in model + its outline ControlNet, DDIM 20 steps", ours,
+            theirs, NP_TOL, "abs")

@@ -391,12 +391,14 @@ def readme_builtin_commands() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_builtin_examples_run_as_pasted(capsys, tmp_path, monkeypatch):
-    """From a clone's root (docs/left-half.png is shipped), in order: each writes its own file and none fails."""
+    """From a clone's root (docs/left-half.png and docs/outline-triangle.png are shipped), in order: each writes its
+    own file and none fails."""
     (tmp_path / "docs").mkdir()
-    shutil.copy(os.path.join(REPO, "docs", "left-half.png"), tmp_path / "docs")
+    for name in ("left-half.png", "outline-triangle.png"):
+        shutil.copy(os.path.join(REPO, "docs", name), tmp_path / "docs")
     monkeypatch.chdir(tmp_path)
     commands = readme_builtin_commands()
-    assert [shlex.split(c)[1] for c in commands] == ["generate", "generate", "img2img", "inpaint", "edit"]
+    assert [shlex.split(c)[1] for c in commands] == ["generate", "generate", "img2img", "inpaint", "edit", "generate"]
     for command in commands:
         words = shlex.split(command)
         assert words[0] == "minidiff"

@@ -80,7 +80,7 @@ NOT_CHECKED = {
     "pytorch_lora_weights.safetensors": "written by `minidiff train --method lora`",
     "learned_embeds.safetensors": "written by `minidiff train --method textual-inversion`",
     "train_text_to_image_lora.py": "a diffusers example script", "train_dreambooth.py": "a diffusers example script",
-    "textual_inversion.py": "a diffusers example script",
+    "textual_inversion.py": "a diffusers example script", "train_controlnet.py": "a diffusers example script",
 }
 
 
