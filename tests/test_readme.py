@@ -81,6 +81,7 @@ NOT_CHECKED = {
     "learned_embeds.safetensors": "written by `minidiff train --method textual-inversion`",
     "train_text_to_image_lora.py": "a diffusers example script", "train_dreambooth.py": "a diffusers example script",
     "textual_inversion.py": "a diffusers example script", "train_controlnet.py": "a diffusers example script",
+    "metadata.jsonl": "the user's image folder's captions and condition images (Hugging Face imagefolder)",
 }
 
 
