@@ -202,8 +202,8 @@ def load_loras(pipe, loras: list[tuple[str, str, float]]) -> None:
 
 def input_files(args: argparse.Namespace) -> dict[str, str]:
     """``{flag: path}`` of the command's input images."""
-    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in ("--image", "--mask", "--control-image")
-            if getattr(args, flag[2:].replace("-", "_"), None)}
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in ("--image", "--mask", "--control-image")}
+    return {flag: path for flag, path in given.items() if path}
 
 
 def same_file(a: str, b: str) -> bool:
@@ -255,12 +255,10 @@ def load_controlnet(path: str | None, model: str | None):
         from minidiff.builtin import builtin_controlnet_folder
 
         return ControlNetModel.from_pretrained(builtin_controlnet_folder())
-    if os.path.isdir(path):
-        return ControlNetModel.from_pretrained(path)
-    if os.path.isfile(path):
-        return ControlNetModel.from_single_file(path)
-    raise FileNotFoundError(f"--controlnet {path} does not exist; pass a ControlNet folder (config.json + weights) "
-                            "or an original .safetensors file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--controlnet {path} does not exist; pass a ControlNet folder (config.json + "
+                                "weights) or an original .safetensors file")
+    return load_from(ControlNetModel, path)
 
 
 def load_pipeline(pipeline_class, model: str | None):
@@ -269,13 +267,16 @@ def load_pipeline(pipeline_class, model: str | None):
         from minidiff.builtin import builtin_model_folder
 
         model = builtin_model_folder()
-    if os.path.isdir(model):
-        return pipeline_class.from_pretrained(model)
-    if os.path.isfile(model):
-        if not model.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
-            raise ValueError(f"{model} is neither a diffusers folder nor a .safetensors/.ckpt checkpoint")
-        return pipeline_class.from_single_file(model)
-    return pipeline_class.from_pretrained(model)  # a hub id: resolved from the local cache or a clear error
+    return load_from(pipeline_class, model)
+
+
+def load_from(model_class, path: str):
+    """``model_class`` (a pipeline or a model) from a diffusers folder, a single-file checkpoint, or a hub id."""
+    if os.path.isfile(path):
+        if not path.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+            raise ValueError(f"{path} is neither a diffusers folder nor a .safetensors/.ckpt checkpoint")
+        return model_class.from_single_file(path)
+    return model_class.from_pretrained(path)  # a folder, or a hub id: resolved from the local cache or a clear error
 
 
 def run_pipeline(pipe, args: argparse.Namespace, images: dict[str, PIL.Image.Image]):
