@@ -19,13 +19,9 @@ import torch
 import minidiff
 from minidiff.builtin import load_builtin_pipeline
 from minidiff.training.shapes import read_scene
+from scripts.builtin.evaluate import mask_iou
 from scripts.controlnet.draw import Placed, condition_image, held_out_shapes
 from scripts.controlnet.settings import GUIDANCE, IOU, REPO, RESULTS, RUN, SEED, STEPS, THREADS
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two (H, W) bool masks."""
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def generate(pipe, shapes: list[Placed]) -> np.ndarray:
@@ -47,7 +43,7 @@ def measure(pipe, shapes: list[Placed]) -> dict:
     rows = []
     for placed, image in zip(shapes, generate(pipe, shapes)):
         seen = read_scene(image)
-        rows.append({"iou": iou(seen["mask"], placed.mask()),
+        rows.append({"iou": mask_iou(seen["mask"], placed.mask()),
                      "colours": seen["colour"] == placed.colour and seen["background"] == placed.background,
                      "shape": seen.get("shape") == placed.shape})
     ious = np.array([row["iou"] for row in rows])
