@@ -79,11 +79,12 @@ def compare_step(name: str, case: str, actual: torch.Tensor, expected: torch.Ten
 
 def reference_x0(name: str, ref, out_ref, x_ref: torch.Tensor) -> torch.Tensor:
     """diffusers' x0 estimate of the step just taken. DPM-Solver does not return one: use the converted model
-    output it stored (x0 for dpmsolver++; eps for dpmsolver, turned into x0 with diffusers' own alpha_t, sigma_t)."""
+    output it stored (x0 for (sde-)dpmsolver++; eps for (sde-)dpmsolver, turned into x0 with diffusers' own
+    alpha_t, sigma_t)."""
     if name != "DPMSolverMultistepScheduler":
         return out_ref.pred_original_sample
     stored = ref.model_outputs[-1]
-    if ref.config.algorithm_type == "dpmsolver++":
+    if ref.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
         return stored
     alpha_t, sigma_t = ref._sigma_to_alpha_sigma_t(ref.sigmas[ref.step_index - 1])
     return (x_ref - sigma_t * stored) / alpha_t
@@ -166,22 +167,27 @@ def common_options(draw, prediction_types=("epsilon", "v_prediction", "sample"))
     )
 
 
+SIGMA_SPACING = st.sampled_from([{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                 {"use_beta_sigmas": True}])
+
+
 @st.composite
 def lms_options(draw) -> dict:
-    return dict(draw(common_options()), use_karras_sigmas=draw(st.booleans()))
+    return dict(draw(common_options()), **draw(SIGMA_SPACING))
 
 
 @st.composite
 def euler_options(draw) -> dict:
+    spacing = draw(SIGMA_SPACING)
     options = dict(
         draw(common_options()),
-        use_karras_sigmas=draw(st.booleans()),
+        **spacing,
         rescale_betas_zero_snr=draw(st.booleans()),
         interpolation_type=draw(st.sampled_from(["linear", "log_linear"])),
         final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])),
         timestep_type=draw(st.sampled_from(["discrete", "continuous"])),
     )
-    if options["use_karras_sigmas"] and draw(st.booleans()):
+    if spacing and draw(st.booleans()):  # a respaced grid may take its own ends
         options.update(sigma_min=0.03, sigma_max=draw(st.sampled_from([14.6, 80.0])))
     return options
 
@@ -193,17 +199,17 @@ def euler_ancestral_options(draw) -> dict:
 
 @st.composite
 def dpm_options(draw) -> dict:
-    algorithm = draw(st.sampled_from(["dpmsolver++", "dpmsolver"]))
+    algorithm = draw(st.sampled_from(["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"]))
     options = dict(
         draw(common_options()),
         algorithm_type=algorithm,
-        solver_order=draw(st.sampled_from([1, 2, 3])),
+        solver_order=draw(st.sampled_from([1, 2] if algorithm == "sde-dpmsolver" else [1, 2, 3])),
         solver_type=draw(st.sampled_from(["midpoint", "heun"])),
         lower_order_final=draw(st.booleans()),
         euler_at_final=draw(st.booleans()),
-        use_karras_sigmas=draw(st.booleans()),
+        **draw(SIGMA_SPACING),
         rescale_betas_zero_snr=draw(st.booleans()),
-        final_sigmas_type="sigma_min" if algorithm == "dpmsolver" else draw(st.sampled_from(["zero", "sigma_min"])),
+        final_sigmas_type="sigma_min" if algorithm.endswith("dpmsolver") else draw(st.sampled_from(["zero", "sigma_min"])),
         lambda_min_clipped=draw(st.sampled_from([-float("inf"), -5.1])),
         thresholding=draw(st.booleans()),
     )

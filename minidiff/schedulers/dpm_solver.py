@@ -2,37 +2,25 @@
 of the diffusion ODE in the half log-SNR ``lambda = log(alpha_t / sigma_t)``, with the model term approximated by
 a polynomial through the current and previous model outputs (multistep: one model call per step).
 
-DPM-Solver++ ("dpmsolver++", the Stable Diffusion default) integrates the data prediction x0; DPM-Solver
-("dpmsolver") the noise prediction eps. The solver works on the VP chain ``x_t = alpha_t x0 + sigma_t eps``, so the
-model input is not rescaled and the starting noise has unit scale.
+DPM-Solver++ ("dpmsolver++", the Stable Diffusion default, A1111's "DPM++ 2M") integrates the data prediction x0;
+DPM-Solver ("dpmsolver") the noise prediction eps. Their SDE variants ("sde-dpmsolver++", A1111's "DPM++ 2M SDE";
+"sde-dpmsolver") integrate the reverse SDE instead (Lu et al. 2022b, Appendix: SDE-DPM-Solver++), adding fresh noise
+every step. The schedule and conversions are shared with the other VP solvers (vp_solver.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 
 from minidiff.configuration import Config, check_choice
-from minidiff.schedulers.base import SchedulerOutput, check_same_shape
-from minidiff.schedulers.betas import (
-    check_common_options,
-    check_num_inference_steps,
-    integer_timesteps,
-    threshold_sample,
-)
-from minidiff.schedulers.sigmas import (
-    UNSUPPORTED_SIGMA_SPACINGS,
-    SigmaSchedulerMixin,
-    check_supported_defaults,
-    interpolate_sigmas,
-    karras_sigmas,
-    sigma_to_t,
-    sigmas_from_alphas_cumprod,
-    with_final_sigma,
-)
+from minidiff.random import randn_tensor
+from minidiff.schedulers.base import SchedulerOutput
+from minidiff.schedulers.betas import check_common_options
+from minidiff.schedulers.sigmas import check_supported_defaults, with_final_sigma
+from minidiff.schedulers.vp_solver import NoiseLevel, VPSolverMixin, noise_level
 
 
 @dataclass
@@ -68,51 +56,36 @@ class DPMSolverMultistepSchedulerConfig(Config):
 
 
 FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 # Names other multistep solvers use for the same thing; diffusers maps them so configs can be swapped.
 ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
 SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
 
 
-def dpm_timesteps(config, num_inference_steps: int, last_timestep: int) -> np.ndarray:
-    """N integer timesteps below ``last_timestep``: the spacing of N + 1 points with the final one (t = 0) dropped,
-    except ``trailing``, which steps down from ``last_timestep`` by T / N."""
-    if config.timestep_spacing == "trailing":
-        step = config.num_train_timesteps / num_inference_steps
-        return np.arange(last_timestep, 0, -step).round().astype(np.int64) - 1
-    spacing, offset = config.timestep_spacing, config.steps_offset
-    return integer_timesteps(spacing, last_timestep, num_inference_steps + 1, offset, beyond_last_ok=True)[:-1]
-
-
-class NoiseLevel(NamedTuple):
-    """A point of the VP chain ``x_t = alpha_t x0 + sigma_t eps`` and its half log-SNR ``lambda_t``."""
-
-    alpha: torch.Tensor
-    sigma: torch.Tensor
-    lam: torch.Tensor
-
-
-def noise_level(sigma: torch.Tensor) -> NoiseLevel:
-    """From the sigma grid (``x = x0 + sigma eps``) to VP form: ``alpha_t = 1 / sqrt(sigma^2 + 1)``,
-    ``sigma_t = sigma alpha_t``, ``lambda_t = log alpha_t - log sigma_t``."""
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    sigma_t = sigma * alpha
-    return NoiseLevel(alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t))
-
-
-def first_order_update(algorithm: str, sample, m0, s0: NoiseLevel, t: NoiseLevel) -> torch.Tensor:
+def first_order_update(algorithm: str, sample, m0, s0: NoiseLevel, t: NoiseLevel, noise=None) -> torch.Tensor:
     """One step s -> t from the current model output, h = lambda_t - lambda_s.
     DPM-Solver++(1) (Lu et al. 2022b, = DDIM): ``x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x0``;
-    DPM-Solver-1 (Lu et al. 2022a): ``x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps``."""
+    DPM-Solver-1 (Lu et al. 2022a): ``x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps``;
+    SDE-DPM-Solver++(1): ``x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) x0 + sigma_t sqrt(1 - e^-2h) z``;
+    SDE-DPM-Solver-1: ``x_t = (alpha_t / alpha_s) x_s - 2 sigma_t (e^h - 1) eps + sigma_t sqrt(e^2h - 1) z``."""
     h = t.lam - s0.lam
     if algorithm == "dpmsolver++":
         return (t.sigma / s0.sigma) * sample - (t.alpha * (torch.exp(-h) - 1.0)) * m0
-    return (t.alpha / s0.alpha) * sample - (t.sigma * (torch.exp(h) - 1.0)) * m0
+    if algorithm == "dpmsolver":
+        return (t.alpha / s0.alpha) * sample - (t.sigma * (torch.exp(h) - 1.0)) * m0
+    if algorithm == "sde-dpmsolver++":
+        return ((t.sigma / s0.sigma * torch.exp(-h)) * sample + (t.alpha * (1 - torch.exp(-2.0 * h))) * m0
+                + t.sigma * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
+    return ((t.alpha / s0.alpha) * sample - 2.0 * (t.sigma * (torch.exp(h) - 1.0)) * m0
+            + t.sigma * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
 
 
-def second_order_update(algorithm: str, solver_type: str, sample, m0, m1, s0, s1, t) -> torch.Tensor:
+def second_order_update(algorithm: str, solver_type: str, sample, m0, m1, s0, s1, t, noise=None) -> torch.Tensor:
     """Multistep second order: the previous output m1 (at s1) gives the slope ``D1 = (m0 - m1) / r0`` with
     ``r0 = (lambda_s0 - lambda_s1) / h``. DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) with the "midpoint"
-    weight 1/2 on D1, or the "heun" weight from exact integration of the linear term."""
+    weight on D1 (half the D0 weight), or the "heun" weight from exact integration of the linear Taylor term.
+    The SDE variants double the eps terms (DPM-Solver) or use e^-2h (DPM-Solver++) and add
+    ``sigma_t sqrt(...) z`` as in :func:`first_order_update`."""
     h, h_0 = t.lam - s0.lam, s0.lam - s1.lam
     r0 = h_0 / h
     D0, D1 = m0, (1.0 / r0) * (m0 - m1)
@@ -121,15 +94,28 @@ def second_order_update(algorithm: str, solver_type: str, sample, m0, m1, s0, s1
         if solver_type == "midpoint":
             return x - 0.5 * (t.alpha * (torch.exp(-h) - 1.0)) * D1
         return x + (t.alpha * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-    x = (t.alpha / s0.alpha) * sample - (t.sigma * (torch.exp(h) - 1.0)) * D0
-    if solver_type == "midpoint":
-        return x - 0.5 * (t.sigma * (torch.exp(h) - 1.0)) * D1
-    return x - (t.sigma * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+    if algorithm == "dpmsolver":
+        x = (t.alpha / s0.alpha) * sample - (t.sigma * (torch.exp(h) - 1.0)) * D0
+        if solver_type == "midpoint":
+            return x - 0.5 * (t.sigma * (torch.exp(h) - 1.0)) * D1
+        return x - (t.sigma * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+    # the SDE variants: summed in diffusers' order (x, D0, D1, noise), so rounding agrees
+    if algorithm == "sde-dpmsolver++":
+        decay = t.alpha * (1 - torch.exp(-2.0 * h))
+        heun_weight = t.alpha * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        d1_weight = 0.5 * decay if solver_type == "midpoint" else heun_weight
+        return ((t.sigma / s0.sigma * torch.exp(-h)) * sample + decay * D0 + d1_weight * D1
+                + t.sigma * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
+    growth = t.sigma * (torch.exp(h) - 1.0)
+    d1_weight = growth if solver_type == "midpoint" else 2.0 * (t.sigma * ((torch.exp(h) - 1.0) / h - 1.0))
+    return ((t.alpha / s0.alpha) * sample - 2.0 * growth * D0 - d1_weight * D1
+            + t.sigma * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
 
 
-def third_order_update(algorithm: str, sample, m0, m1, m2, s0, s1, s2, t) -> torch.Tensor:
-    """Multistep third order (DPM-Solver++(3M) / DPM-Solver-3 multistep): first and second divided differences
-    D1, D2 of the last three outputs in lambda, each weighted by the exact integral of its Taylor term."""
+def third_order_update(algorithm: str, sample, m0, m1, m2, s0, s1, s2, t, noise=None) -> torch.Tensor:
+    """Multistep third order (DPM-Solver++(3M) / DPM-Solver-3 multistep / SDE-DPM-Solver++(3M)): first and second
+    divided differences D1, D2 of the last three outputs in lambda, each weighted by the exact integral of its
+    Taylor term."""
     h, h_0, h_1 = t.lam - s0.lam, s0.lam - s1.lam, s1.lam - s2.lam
     r0, r1 = h_0 / h, h_1 / h
     D0 = m0
@@ -143,118 +129,69 @@ def third_order_update(algorithm: str, sample, m0, m1, m2, s0, s1, s2, t) -> tor
             + (t.alpha * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
             - (t.alpha * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
         )
+    if algorithm == "dpmsolver":
+        return (
+            (t.alpha / s0.alpha) * sample
+            - (t.sigma * (torch.exp(h) - 1.0)) * D0
+            - (t.sigma * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+            - (t.sigma * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2
+        )
     return (
-        (t.alpha / s0.alpha) * sample
-        - (t.sigma * (torch.exp(h) - 1.0)) * D0
-        - (t.sigma * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
-        - (t.sigma * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2
+        (t.sigma / s0.sigma * torch.exp(-h)) * sample
+        + (t.alpha * (1.0 - torch.exp(-2.0 * h))) * D0
+        + (t.alpha * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
+        + (t.alpha * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
+        + t.sigma * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
     )
 
 
-class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
-    """diffusers' ``DPMSolverMultistepScheduler`` ("DPM++ 2M", "DPM++ 2M Karras" with ``use_karras_sigmas``)."""
+class DPMSolverMultistepScheduler(VPSolverMixin):
+    """diffusers' ``DPMSolverMultistepScheduler`` ("DPM++ 2M", "DPM++ 2M Karras" with ``use_karras_sigmas``,
+    "DPM++ 2M SDE" with ``algorithm_type="sde-dpmsolver++"``)."""
 
     config_class = DPMSolverMultistepSchedulerConfig
-    order = 1
-    init_noise_sigma = 1.0  # VP chain: x_T ~ N(0, I)
 
     def __init__(self, **kwargs: Any) -> None:
         config = self.register_config(kwargs)
         config.algorithm_type = ALGORITHM_ALIASES.get(config.algorithm_type, config.algorithm_type)
         config.solver_type = SOLVER_TYPE_ALIASES.get(config.solver_type, config.solver_type)
         check_common_options(config)
-        check_choice("algorithm_type", config.algorithm_type, ("dpmsolver++", "dpmsolver"))
+        check_choice("algorithm_type", config.algorithm_type, ALGORITHM_TYPES)
         check_choice("solver_type", config.solver_type, ("midpoint", "heun"))
         check_choice("solver_order", config.solver_order, (1, 2, 3))
         check_choice("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
-        if config.algorithm_type == "dpmsolver" and config.final_sigmas_type == "zero":
-            raise ValueError(
-                "final_sigmas_type='zero' needs algorithm_type='dpmsolver++'; use final_sigmas_type='sigma_min'"
-            )
+        if config.algorithm_type in ("dpmsolver", "sde-dpmsolver") and config.final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type='zero' needs algorithm_type='dpmsolver++' or 'sde-dpmsolver++' "
+                             f"(got {config.algorithm_type!r}); use final_sigmas_type='sigma_min'")
+        if config.algorithm_type == "sde-dpmsolver" and config.solver_order == 3:
+            raise ValueError("algorithm_type='sde-dpmsolver' has no third-order update (diffusers fails on it too); "
+                             "use solver_order 1 or 2, or algorithm_type='sde-dpmsolver++'")
         # A DDPM config's fixed variance types mean "no learned variance" here too (diffusers ignores them);
         # a learned variance (extra output channels) is not implemented.
         if config.variance_type is not None and config.variance_type not in FIXED_VARIANCE_TYPES:
             raise ValueError(f"{type(self).__name__}: variance_type={config.variance_type!r} is not supported by "
                              f"minidiff; accepted: None or one of {FIXED_VARIANCE_TYPES} (no learned variance)")
-        unsupported = dict(UNSUPPORTED_SIGMA_SPACINGS, use_lu_lambdas=False, use_flow_sigmas=False,
-                           use_dynamic_shifting=False)
+        unsupported = dict(use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False)
         check_supported_defaults(type(self).__name__, config, unsupported)
-        self._init_noise_schedule()
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.model_outputs: list[torch.Tensor | None] = [None] * config.solver_order
-        self.lower_order_nums = 0
+        self.round_karras_timesteps = config.beta_schedule != "squaredcos_cap_v2"
+        self._init_solver()
+
+    @property
+    def _predicts_data(self) -> bool:
+        return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """N integer timesteps (spacing per config, ending above t = 0, below any ``lambda_min_clipped`` cut);
-        sigmas interpolated at them, or Karras sigmas (Eq. 5) with rounded timesteps; then the final sigma."""
+        """The shared VP-solver schedule (:meth:`VPSolverMixin._solver_schedule`), then the final sigma: 0 or the
+        smallest training sigma (``final_sigmas_type``)."""
         config = self.config
         self._begin_run()
-        N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped))
-        if clipped >= config.num_train_timesteps:
-            raise ValueError(f"lambda_min_clipped={config.lambda_min_clipped} clips away every training timestep "
-                             f"(the largest lambda is {float(self.lambda_t.max()):.4g}); use a smaller value")
-        timesteps = dpm_timesteps(config, N, config.num_train_timesteps - clipped)
-        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        if config.use_karras_sigmas:
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), N)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if config.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        else:
-            sigmas = interpolate_sigmas(timesteps, train_sigmas)
-        if np.any(np.diff(sigmas) >= 0):  # a repeated noise level: h = 0 and the multistep update divides by it
-            raise ValueError(
-                f"num_inference_steps={N} repeats a timestep (NaN steps, in diffusers too): DPM-Solver spaces N + 1 "
-                f"points over the {config.num_train_timesteps - clipped} usable training timesteps "
-                f"(num_train_timesteps={config.num_train_timesteps}, lambda_min_clipped={config.lambda_min_clipped}); "
-                "use fewer steps or use_karras_sigmas=True"
-            )
-        final_sigma = train_sigmas[0].item() if config.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = with_final_sigma(sigmas, final_sigma)
+        timesteps, sigmas = self._solver_schedule(num_inference_steps)
+        final_sigma = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
+        self.sigmas = with_final_sigma(sigmas, final_sigma if config.final_sigmas_type == "sigma_min" else 0.0)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
         self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * config.solver_order
-        self.lower_order_nums = 0
+        self._reset_history()
         self._reset_step_index()
-
-    def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The solver works on x_t directly: the model input is not rescaled."""
-        return sample
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The forward process in VP form: ``x_t = alpha_t x0 + sigma_t eps``."""
-        check_same_shape("noise", noise, "original_samples", original_samples)
-        level = noise_level(self._sigmas_for(timesteps, original_samples))
-        return level.alpha * original_samples + level.sigma * noise
-
-    def _convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor, s: NoiseLevel) -> torch.Tensor:
-        """What the solver integrates: x0 for DPM-Solver++, eps for DPM-Solver, from ``x = alpha x0 + sigma eps``
-        (v = alpha eps - sigma x0). Dynamic thresholding (Imagen, Sec. 2.3) clips the x0 estimate."""
-        config = self.config
-        if config.algorithm_type == "dpmsolver++":
-            if config.prediction_type == "epsilon":
-                x0 = (sample - s.sigma * model_output) / s.alpha
-            elif config.prediction_type == "sample":
-                x0 = model_output
-            else:
-                x0 = s.alpha * sample - s.sigma * model_output
-            if config.thresholding:
-                x0 = threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
-            return x0
-        if config.prediction_type == "epsilon":
-            eps = model_output
-        elif config.prediction_type == "sample":
-            eps = (sample - s.alpha * model_output) / s.sigma
-        else:
-            eps = s.alpha * model_output + s.sigma * sample
-        if config.thresholding:
-            x0 = (sample - s.sigma * eps) / s.alpha
-            x0 = threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
-            eps = (sample - s.alpha * x0) / s.sigma
-        return eps
 
     def step(
         self,
@@ -262,11 +199,13 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """One multistep update of the chosen order; the first steps (no history yet) and, with
-        ``lower_order_final`` and fewer than 15 steps, the last ones drop to lower order. ``generator`` is accepted
-        for pipeline compatibility: these ODE solvers draw no noise. Works in float32."""
+        ``lower_order_final`` and fewer than 15 steps, the last ones drop to lower order. The SDE variants draw
+        ``randn_tensor(shape, generator, dtype=float32)`` every step (or take ``variance_noise``); the ODE variants
+        draw nothing. Works in float32."""
         config = self.config
         i = self._begin_step(model_output, timestep, sample)
         N = len(self.timesteps)
@@ -275,26 +214,29 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin):
         )
         final_second_order = i == N - 2 and config.lower_order_final and N < 15
 
-        converted = self._convert_model_output(model_output, sample, noise_level(self.sigmas[i]))
+        s0, t = noise_level(self.sigmas[i]), noise_level(self.sigmas[i + 1])
+        convert = self.data_prediction if self._predicts_data else self.noise_prediction
+        converted = convert(model_output, sample, s0)
         self.model_outputs = self.model_outputs[1:] + [converted]
         sample_f32 = sample.to(torch.float32)
-        t, s0 = noise_level(self.sigmas[i + 1]), noise_level(self.sigmas[i])
-        m = self.model_outputs
+        noise = None
+        if config.algorithm_type.startswith("sde-"):
+            noise = (randn_tensor(model_output.shape, generator, model_output.device, torch.float32)
+                     if variance_noise is None else variance_noise.to(model_output.device, torch.float32))
+        m, algorithm = self.model_outputs, config.algorithm_type
         if config.solver_order == 1 or self.lower_order_nums < 1 or final_first_order:
-            prev_sample = first_order_update(config.algorithm_type, sample_f32, m[-1], s0, t)
+            prev_sample = first_order_update(algorithm, sample_f32, m[-1], s0, t, noise)
         elif config.solver_order == 2 or self.lower_order_nums < 2 or final_second_order:
             s1 = noise_level(self.sigmas[i - 1])
-            prev_sample = second_order_update(
-                config.algorithm_type, config.solver_type, sample_f32, m[-1], m[-2], s0, s1, t
-            )
+            prev_sample = second_order_update(algorithm, config.solver_type, sample_f32, m[-1], m[-2], s0, s1, t, noise)
         else:
             s1, s2 = noise_level(self.sigmas[i - 1]), noise_level(self.sigmas[i - 2])
-            prev_sample = third_order_update(config.algorithm_type, sample_f32, m[-1], m[-2], m[-3], s0, s1, s2, t)
+            prev_sample = third_order_update(algorithm, sample_f32, m[-1], m[-2], m[-3], s0, s1, s2, t, noise)
         self.lower_order_nums = min(self.lower_order_nums + 1, config.solver_order)
         prev_sample = prev_sample.to(model_output.dtype)
 
         self._step_index += 1
         if not return_dict:
             return (prev_sample,)  # diffusers returns a 1-tuple here
-        x0 = converted if config.algorithm_type == "dpmsolver++" else (sample - s0.sigma * converted) / s0.alpha
+        x0 = converted if self._predicts_data else (sample - s0.sigma * converted) / s0.alpha
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -14,12 +14,11 @@ from minidiff.random import randn_tensor
 from minidiff.schedulers.base import SchedulerOutput, broadcast_to
 from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
-    UNSUPPORTED_SIGMA_SPACINGS,
     SigmaSchedulerMixin,
-    check_supported_defaults,
     float_timesteps,
     interpolate_sigmas,
-    karras_sigmas,
+    check_sigma_spacing,
+    respaced_sigmas,
     reject_integer_timestep,
     sigma_predicted_x0,
     sigma_to_t,
@@ -74,7 +73,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         check_choice("interpolation_type", config.interpolation_type, ("linear", "log_linear"))
         check_choice("timestep_type", config.timestep_type, ("discrete", "continuous"))
         check_choice("final_sigmas_type", config.final_sigmas_type, ("zero", "sigma_min"))
-        check_supported_defaults(type(self).__name__, config, UNSUPPORTED_SIGMA_SPACINGS)
+        check_sigma_spacing(config)
         self._init_noise_schedule()
         if self._continuous_timesteps:
             self.timesteps = 0.25 * self.sigmas[:-1].log()
@@ -101,11 +100,9 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         else:
             log_sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), N + 1)
             sigmas = log_sigmas.exp().numpy()
-        if config.use_karras_sigmas:
-            sigma_min = config.sigma_min if config.sigma_min is not None else sigmas[-1].item()
-            sigma_max = config.sigma_max if config.sigma_max is not None else sigmas[0].item()
-            sigmas = karras_sigmas(sigma_min, sigma_max, N)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        respaced = respaced_sigmas(config, sigmas, N)
+        if respaced is not None:
+            sigmas, timesteps = respaced, sigma_to_t(respaced, np.log(train_sigmas))
         final_sigma = train_sigmas[0].item() if config.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = with_final_sigma(sigmas, final_sigma)
         if self._continuous_timesteps:

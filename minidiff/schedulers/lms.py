@@ -15,12 +15,11 @@ from minidiff.configuration import Config
 from minidiff.schedulers.base import SchedulerOutput
 from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
-    UNSUPPORTED_SIGMA_SPACINGS,
     SigmaSchedulerMixin,
-    check_supported_defaults,
     float_timesteps,
     interpolate_sigmas,
-    karras_sigmas,
+    check_sigma_spacing,
+    respaced_sigmas,
     sigma_predicted_x0,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
@@ -77,7 +76,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
     def __init__(self, **kwargs: Any) -> None:
         config = self.register_config(kwargs)
         check_common_options(config)
-        check_supported_defaults(type(self).__name__, config, UNSUPPORTED_SIGMA_SPACINGS)
+        check_sigma_spacing(config)
         self._init_noise_schedule()
         self.derivatives: list[torch.Tensor] = []
         # diffusers builds the full training schedule with set_timesteps(T); sampling still needs set_timesteps(N).
@@ -86,7 +85,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """N timesteps spaced per ``timestep_spacing`` (fractional for linspace); sigmas interpolated at them, or
-        Karras sigmas (Eq. 5) with their timesteps found by log-sigma interpolation; a final sigma of 0."""
+        Karras (Eq. 5), exponential or beta sigmas with their timesteps found by log-sigma interpolation; a final sigma of 0."""
         config = self.config
         self._begin_run()
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
@@ -94,9 +93,9 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         sigmas = interpolate_sigmas(timesteps, train_sigmas)
-        if config.use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), N)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        respaced = respaced_sigmas(config, sigmas, N)
+        if respaced is not None:
+            sigmas, timesteps = respaced, sigma_to_t(respaced, np.log(train_sigmas))
         self.sigmas = with_final_sigma(sigmas, 0.0)
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.float32)
         self._reset_step_index()

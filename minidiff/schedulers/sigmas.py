@@ -15,6 +15,7 @@ mid-schedule), and every ``step`` advances it by one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,87 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """N noise levels evenly spaced in log sigma from sigma_max down to sigma_min (k-diffusion's
+    ``get_sigmas_exponential``)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def regularized_incomplete_beta(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``I_x(a, b)``, the CDF of Beta(a, b), from its continued fraction (Abramowitz & Stegun 26.5.8), evaluated
+    with the modified Lentz method. The fraction converges fast for ``x < (a + 1) / (a + b + 2)``; above that the
+    symmetry ``I_x(a, b) = 1 - I_{1-x}(b, a)`` is used."""
+    x = np.asarray(x, dtype=np.float64)
+    flip = x > (a + 1) / (a + b + 2)
+    x_, a_, b_ = np.where(flip, 1 - x, x), np.where(flip, b, a), np.where(flip, a, b)
+    tiny = 1e-300
+    # d_1 = -(a + b) x / (a + 1); then for m >= 1 the even and odd terms of A&S 26.5.8
+    c, d = np.ones_like(x_), 1 - (a_ + b_) * x_ / (a_ + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    fraction = d.copy()
+    for m in range(1, 200):
+        for term in (m * (b_ - m) * x_ / ((a_ + 2 * m - 1) * (a_ + 2 * m)),
+                     -(a_ + m) * (a_ + b_ + m) * x_ / ((a_ + 2 * m) * (a_ + 2 * m + 1))):
+            d = 1 + term * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + term / np.where(np.abs(c) < tiny, tiny, c)
+            fraction *= c * d
+        if np.all(np.abs(c * d - 1) < 1e-16):
+            break
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    with np.errstate(divide="ignore"):
+        front = np.exp(a_ * np.log(x_) + b_ * np.log1p(-x_) - log_beta) / a_
+    value = front * fraction
+    return np.where(flip, 1 - value, value)
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The quantile function of Beta(a, b): the x with ``I_x(a, b) = q``, by bisection (the CDF is increasing)
+    to float64 resolution; exact at q = 0 and 1."""
+    q = np.asarray(q, dtype=np.float64)
+    low, high = np.zeros_like(q), np.ones_like(q)
+    for _ in range(64):
+        middle = (low + high) / 2
+        below = regularized_incomplete_beta(middle, a, b) < q
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, (low + high) / 2))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6):
+    """Lee et al. 2024, "Beta Sampling is All You Need": noise levels at the Beta(alpha, beta) quantiles of an even
+    grid, ``sigma_i = sigma_min + ppf(1 - i / (N - 1)) (sigma_max - sigma_min)``, dense at both ends."""
+    quantiles = beta_ppf(1 - np.linspace(0, 1, num_steps), alpha, beta)
+    return sigma_min + quantiles * (sigma_max - sigma_min)
+
+
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def check_sigma_spacing(config: Any) -> None:
+    """Karras, exponential and beta spacings each replace the whole sigma grid: at most one may be on."""
+    chosen = [option for option in SIGMA_SPACINGS if getattr(config, option, False)]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(f'{option}=True' for option in chosen)} contradict each other: each "
+                         f"replaces the whole noise schedule; set at most one of {', '.join(SIGMA_SPACINGS)}")
+
+
+def respaced_sigmas(config: Any, sigmas: np.ndarray, num_steps: int) -> np.ndarray | None:
+    """The N sigmas of the spacing the config turns on (Karras Eq. 5 with rho = 7, exponential or beta), between
+    ``config.sigma_min``/``sigma_max`` where the scheduler has them and else the ends of the descending ``sigmas``;
+    None when the config keeps the interpolated grid."""
+    sigma_min = getattr(config, "sigma_min", None)
+    sigma_max = getattr(config, "sigma_max", None)
+    sigma_min = float(sigmas[-1]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    if getattr(config, "use_karras_sigmas", False):
+        return karras_sigmas(sigma_min, sigma_max, num_steps)
+    if getattr(config, "use_exponential_sigmas", False):
+        return exponential_sigmas(sigma_min, sigma_max, num_steps)
+    if getattr(config, "use_beta_sigmas", False):
+        return beta_sigmas(sigma_min, sigma_max, num_steps)
+    return None
+
+
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     """Invert sigma(t): the fractional training timestep whose noise level is each sigma, interpolating linearly in
     log sigma between the two training steps that bracket it (k-diffusion's ``sigma_to_t``)."""
@@ -76,10 +158,6 @@ def sigma_predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma: 
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
     return model_output  # "sample": the model predicts x0 itself
-
-
-# Noise-level spacings diffusers offers besides Karras; minidiff keeps them off.
-UNSUPPORTED_SIGMA_SPACINGS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
 
 
 def check_supported_defaults(owner: str, config: Any, defaults: dict[str, Any]) -> None:
