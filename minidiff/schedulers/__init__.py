@@ -7,3 +7,7 @@ from minidiff.schedulers.euler import EulerDiscreteScheduler
 from minidiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from minidiff.schedulers.lms import LMSDiscreteScheduler
 from minidiff.schedulers.pndm import PNDMScheduler
+from minidiff.schedulers.names import by_name
+from minidiff.schedulers.heun import HeunDiscreteScheduler
+from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler

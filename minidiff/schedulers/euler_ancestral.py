@@ -42,7 +42,7 @@ def ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[
     ``sigma_up = sigma_to * sqrt((sigma_from^2 - sigma_to^2) / sigma_from^2)``
     (k-diffusion ``get_ancestral_step`` with eta = 1)."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5  # float32 can round it below 0
     return sigma_down, sigma_up
 
 

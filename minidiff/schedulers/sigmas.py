@@ -134,14 +134,17 @@ def respaced_sigmas(config: Any, sigmas: np.ndarray, num_steps: int) -> np.ndarr
     return None
 
 
-def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray, in_float32: bool = False) -> np.ndarray:
     """Invert sigma(t): the fractional training timestep whose noise level is each sigma, interpolating linearly in
-    log sigma between the two training steps that bracket it (k-diffusion's ``sigma_to_t``)."""
+    log sigma between the two training steps that bracket it (k-diffusion's ``sigma_to_t``). The last blend is
+    float64 unless ``in_float32`` (diffusers' DPM2 runs it on float32 tensors)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (S,)
     distances = log_sigma - log_train_sigmas[:, np.newaxis]  # (T, 1) against (S,) -> (T, S)
     low = np.cumsum(distances >= 0, axis=0).argmax(axis=0).clip(max=len(log_train_sigmas) - 2)  # last step below
     high = low + 1
     weight = np.clip((log_train_sigmas[low] - log_sigma) / (log_train_sigmas[low] - log_train_sigmas[high]), 0, 1)
+    if in_float32:
+        low, high = low.astype(np.float32), high.astype(np.float32)
     return (1 - weight) * low + weight * high
 
 
