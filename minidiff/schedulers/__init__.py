@@ -11,3 +11,5 @@ from minidiff.schedulers.names import by_name
 from minidiff.schedulers.heun import HeunDiscreteScheduler
 from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
+from minidiff.schedulers.lcm import LCMScheduler
+from minidiff.schedulers.tcd import TCDScheduler

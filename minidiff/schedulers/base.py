@@ -170,3 +170,72 @@ def check_in_schedule(timestep: int, timesteps: torch.Tensor) -> None:
         valid = timesteps.tolist()
         shown = ", ".join(map(str, valid)) if len(valid) <= 12 else ", ".join(map(str, valid[:8])) + f", ... {valid[-1]}"
         raise ValueError(f"timestep {timestep} is not in this schedule; step() takes the values of scheduler.timesteps: [{shown}]")
+
+
+def describe_schedule(schedule: torch.Tensor) -> str:
+    """The schedule for an error message: all values if short, else its length, ends and first/last few."""
+    values = [round(t, 4) if isinstance(t, float) else t for t in schedule.flatten().tolist()]
+    if len(values) <= 12:
+        return str(values)
+    return f"{len(values)} timesteps from {values[0]} down to {values[-1]} ({values[:3]} ... {values[-3:]})"
+
+
+class StepIndexMixin(SchedulerMixin):
+    """The step-index machine of schedulers that step by position (the sigma schedulers, LCM, TCD): on the first
+    ``scale_model_input``/``step`` after ``set_timesteps`` the position is found from the timestep, or taken from
+    ``set_begin_index`` (img2img starts mid-schedule), and every ``step`` advances it by one."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    def _reset_step_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    # ---- position in the schedule ----------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        """Position of the current step in ``timesteps``/``sigmas``; None until the first call after set_timesteps."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Position of the first step when a pipeline starts mid-schedule (set with :meth:`set_begin_index`)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` (img2img: ``t_start * order``). Call after ``set_timesteps``."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule. A timestep listed twice resolves to its second position, so a
+        loop that starts mid-schedule on a duplicate does not skip a sigma."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        matches = (schedule == timestep).nonzero()
+        if len(matches) == 0:
+            value = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
+            raise ValueError(
+                f"timestep {value!r} is not in the schedule of {type(self).__name__}, which holds "
+                f"{describe_schedule(schedule)}; pass one of scheduler.timesteps (after set_timesteps)"
+            )
+        return int(matches[1 if len(matches) > 1 else 0].item())
+
+    def _init_step_index(self, timestep: Any) -> None:
+        if self.begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _begin_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> int:
+        """Checks shared by every ``step``; returns the step index (found on the first call)."""
+        self._check_step_args(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index >= len(self.timesteps):
+            raise RuntimeError(
+                f"{type(self).__name__} already took all {len(self.timesteps)} steps; "
+                "call set_timesteps() to start again"
+            )
+        return self.step_index

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minidiff.schedulers.base import SchedulerMixin, broadcast_to, check_same_shape
+from minidiff.schedulers.base import StepIndexMixin, broadcast_to, check_same_shape
 from minidiff.schedulers.betas import integer_timesteps, make_betas
 
 
@@ -180,16 +180,8 @@ def reject_integer_timestep(method: str, timestep: Any, schedule: torch.Tensor) 
         )
 
 
-def describe_schedule(schedule: torch.Tensor) -> str:
-    """The schedule for an error message: all values if short, else its length, ends and first/last few."""
-    values = [round(t, 4) if isinstance(t, float) else t for t in schedule.flatten().tolist()]
-    if len(values) <= 12:
-        return str(values)
-    return f"{len(values)} timesteps from {values[0]} down to {values[-1]} ({values[:3]} ... {values[-3:]})"
-
-
 # ---- the shared scheduler machinery ---------------------------------------------------------------------------------
-class SigmaSchedulerMixin(SchedulerMixin):
+class SigmaSchedulerMixin(StepIndexMixin):
     """Noise schedule plus step-index machine for schedulers that step along ``sigmas`` by position."""
 
     sigmas: torch.Tensor
@@ -211,64 +203,12 @@ class SigmaSchedulerMixin(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _reset_step_index(self) -> None:
-        self._step_index = None
-        self._begin_index = None
-
     @property
     def init_noise_sigma(self) -> torch.Tensor:
         """Scale of the starting noise: sigma_max, or sqrt(sigma_max^2 + 1) for ``leading`` spacing (diffusers)."""
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return self.sigmas.max()
         return (self.sigmas.max() ** 2 + 1) ** 0.5
-
-    # ---- position in the schedule ----------------------------------------------------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        """Position of the current step in ``timesteps``/``sigmas``; None until the first call after set_timesteps."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Position of the first step when a pipeline starts mid-schedule (set with :meth:`set_begin_index`)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at ``timesteps[begin_index]`` (img2img: ``t_start * order``). Call after ``set_timesteps``."""
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep: Any, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule. A timestep listed twice resolves to its second position, so a
-        loop that starts mid-schedule on a duplicate does not skip a sigma."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule.device)
-        matches = (schedule == timestep).nonzero()
-        if len(matches) == 0:
-            value = timestep.item() if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 else timestep
-            raise ValueError(
-                f"timestep {value!r} is not in the schedule of {type(self).__name__}, which holds "
-                f"{describe_schedule(schedule)}; pass one of scheduler.timesteps (after set_timesteps)"
-            )
-        return int(matches[1 if len(matches) > 1 else 0].item())
-
-    def _init_step_index(self, timestep: Any) -> None:
-        if self.begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
-
-    def _begin_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> int:
-        """Checks shared by every ``step``; returns the step index (found on the first call)."""
-        self._check_step_args(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.step_index >= len(self.timesteps):
-            raise RuntimeError(
-                f"{type(self).__name__} already took all {len(self.timesteps)} steps; "
-                "call set_timesteps() to start again"
-            )
-        return self.step_index
 
     # ---- model input and forward process ---------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
