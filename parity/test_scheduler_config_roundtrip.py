@@ -2,7 +2,7 @@
 
 ``Y.from_config(x.config)`` keeps the options of X that Y does not use (diffusers' "hidden" config keys) and hands
 them on, so ``X.from_config(y.config)`` gets them back: the README's sequence (swap in Euler ancestral, then rebuild
-DDIM for inversion) must not lose ``clip_sample=False``. For every ordered pair (X, Y) of the 8 schedulers, X is
+DDIM for inversion) must not lose ``clip_sample=False``. For every ordered pair (X, Y) of the schedulers, X is
 built with non-default options, taken X -> Y -> X through ``from_config`` in both libraries, and the two libraries'
 Y and final X compared: the settings each uses, the timesteps of ``set_timesteps(10)`` and one step on a fixed input.
 """
@@ -33,6 +33,11 @@ SOURCE_OPTIONS = {  # non-default options of each class, a few of them ones most
     "EulerAncestralDiscreteScheduler": dict(COMMON, rescale_betas_zero_snr=True),
     "DPMSolverMultistepScheduler": dict(COMMON, solver_order=3, thresholding=True, sample_max_value=2.0,
                                         lower_order_final=False, timestep_spacing="leading"),
+    "HeunDiscreteScheduler": dict(COMMON, use_exponential_sigmas=True, clip_sample=True),
+    "KDPM2DiscreteScheduler": dict(COMMON, use_karras_sigmas=True),
+    "KDPM2AncestralDiscreteScheduler": dict(COMMON, use_exponential_sigmas=True),
+    "LCMScheduler": dict(COMMON, original_inference_steps=40, timestep_scaling=5.0),
+    "TCDScheduler": dict(COMMON, original_inference_steps=40),
 }
 NAMES = tuple(SOURCE_OPTIONS)
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "config attributes ... will be ignored"

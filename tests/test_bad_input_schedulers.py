@@ -18,7 +18,9 @@ import minidiff.schedulers as md
 from tests.training_fixtures import one_thread  # noqa: F401  (tiny models run fastest single-threaded)
 
 ALL = (md.DDPMScheduler, md.DDIMScheduler, md.DDIMInverseScheduler, md.PNDMScheduler, md.LMSDiscreteScheduler,
-       md.EulerDiscreteScheduler, md.EulerAncestralDiscreteScheduler, md.DPMSolverMultistepScheduler)
+       md.EulerDiscreteScheduler, md.EulerAncestralDiscreteScheduler, md.DPMSolverMultistepScheduler,
+       md.HeunDiscreteScheduler, md.KDPM2DiscreteScheduler, md.KDPM2AncestralDiscreteScheduler, md.LCMScheduler,
+       md.TCDScheduler, md.DPMSolverSDEScheduler, md.DPMSolverSinglestepScheduler, md.UniPCMultistepScheduler)
 SMALL = dict(num_train_timesteps=50)
 
 
@@ -56,13 +58,16 @@ def run(scheduler, steps: int = 5, calls: int = 3) -> torch.Tensor:
     ],
 )
 def test_bad_schedule_is_refused_at_construction(cls, options, message):
+    if "steps_offset" in options and "steps_offset" not in cls.config_class.field_names():
+        message = r"unknown config option\(s\) \['steps_offset'\]"  # DPM-Solver singlestep has no such option
     with pytest.raises(ValueError, match=message):
         cls(**options)
 
 
 @pytest.mark.parametrize("cls", ALL)
 def test_cosine_schedule_ignores_beta_start_and_stays_in_range(cls):
-    scheduler = cls(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1)  # one step: beta capped at 0.999
+    one_step = dict(original_inference_steps=1) if cls in (md.LCMScheduler, md.TCDScheduler) else {}
+    scheduler = cls(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1, **one_step)  # beta capped at 0.999
     assert 0 < float(scheduler.betas.min()) and float(scheduler.betas.max()) < 1
     assert torch.isfinite(run(cls(beta_schedule="squaredcos_cap_v2", **SMALL))).all()
 

@@ -13,3 +13,6 @@ from minidiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from minidiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from minidiff.schedulers.lcm import LCMScheduler
 from minidiff.schedulers.tcd import TCDScheduler
+from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
+from minidiff.schedulers.unipc import UniPCMultistepScheduler

@@ -40,9 +40,11 @@ def ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[
     """Split the move sigma_from -> sigma_to into a deterministic part down to ``sigma_down`` and fresh noise of
     scale ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_to^2`` and
     ``sigma_up = sigma_to * sqrt((sigma_from^2 - sigma_to^2) / sigma_from^2)``
-    (k-diffusion ``get_ancestral_step`` with eta = 1)."""
+    (k-diffusion ``get_ancestral_step`` with eta = 1), so ``sigma_down = sigma_to^2 / sigma_from``."""
     sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5  # float32 can round it below 0
+    square = sigma_to**2 - sigma_up**2
+    # = sigma_to^4 / sigma_from^2; where float32 rounds the difference to <= 0 (huge sigma ranges), take that form
+    sigma_down = torch.where(square > 0, square.clamp(min=0) ** 0.5, sigma_to**2 / sigma_from)
     return sigma_down, sigma_up
 
 

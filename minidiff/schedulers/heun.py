@@ -1,8 +1,7 @@
 """Heun's method on the sigma grid (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models", Algorithm 1): an Euler step to the next noise level, then a second model call there and the step redone
-with the average of the two slopes. Two model calls per step; the last step (to sigma = 0) is plain Euler in
-Karras' algorithm, but diffusers (and so minidiff) takes the correction there too, where the slope at sigma = 0 is
-evaluated with the x0 the model predicts at sigma_next = 0."""
+with the average of the two slopes. Two model calls per step, except the last (to sigma = 0): one call and a plain
+Euler step, as in Karras' algorithm (line 6) and diffusers, whose schedule ends on that step's first call."""
 
 from __future__ import annotations
 
@@ -78,7 +77,7 @@ class HeunDiscreteScheduler(TwoStageSchedulerMixin):
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         if first:
-            derivative = (sample - x0) / sigma  # Algorithm 1, line 5
+            derivative = (sample - x0) / sigma  # Algorithm 1, line 4 (line 5: the Euler step below)
             self.prev_derivative, self.dt, self.sample = derivative, sigma_next - sigma, sample
             prev_sample = sample + derivative * self.dt
         else:

@@ -44,13 +44,6 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         sigmas_next[-1] = 0.0
         sigmas_down, sigmas_up = ancestral_sigmas(sigmas, sigmas_next)
         sigmas_down[-1] = 0.0  # 0/0 at the final level
-        collapsed = (sigmas_down[:-2] <= 0).nonzero().flatten()
-        if len(collapsed):  # no midpoint between sigma and 0: the second call would divide by 0
-            k = int(collapsed[0])
-            raise ValueError(
-                f"num_inference_steps={self.num_inference_steps}: the ancestral split of step {k} (sigma "
-                f"{float(sigmas[k]):.4g} -> {float(sigmas[k + 1]):.4g}) leaves sigma_down = 0 in float32, so DPM2 a has "
-                "no midpoint (diffusers 0.42.1 returns NaN there, its issue #14213); use more steps or another sampler")
         midpoints = log_midpoints(sigmas, sigmas_down)  # midpoints[k]: between sigma_k and its sigma_down
         midpoints[-2:] = 0.0
         self.sigmas = torch.cat([doubled(sigmas), sigmas[-1:]])

@@ -9,11 +9,13 @@ noise. ``eta`` (gamma) sets the share of stochasticity: 0 is deterministic DDIM-
 
 The schedule is LCM's (see :mod:`minidiff.schedulers.lcm`), except that an explicit ``original_inference_steps``
 makes every training timestep eligible (diffusers' "customised option"). diffusers' TCD never clips or thresholds
-x0, so ``clip_sample`` and ``thresholding`` must stay False here; ``timestep_scaling`` is a key it does not use.
+x0 and ignores ``clip_sample`` and ``thresholding``; so does minidiff, with a warning, since another scheduler's
+config (``TCDScheduler.from_config(ddpm.config)``) may carry them. ``timestep_scaling`` is a key it does not use.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,6 @@ from minidiff.schedulers.base import check_timestep
 from minidiff.schedulers.betas import check_range, predicted_x0_and_eps
 from minidiff.schedulers.ddim import ddim_update
 from minidiff.schedulers.lcm import LCMScheduler, LCMSchedulerConfig, renoise
-from minidiff.schedulers.sigmas import check_supported_defaults
 
 
 @dataclass
@@ -55,7 +56,10 @@ class TCDScheduler(LCMScheduler):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        check_supported_defaults(type(self).__name__, self.config, {"clip_sample": False, "thresholding": False})
+        ignored = [option for option in ("clip_sample", "thresholding") if getattr(self.config, option)]
+        if ignored:
+            warnings.warn(f"TCDScheduler ignores {' and '.join(f'{o}=True' for o in ignored)} (as diffusers' TCD does): "
+                          "its x0 is never clipped or thresholded", stacklevel=2)
 
     def _distillation_grid(self, original_inference_steps: int | None, strength: float) -> tuple[np.ndarray, int]:
         """Without ``original_inference_steps``: LCM's grid. With it: every timestep below ``int(T * strength)``,
