@@ -14,6 +14,9 @@ _EXPORTS = {
     "minidiff.schedulers": (
         "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
         "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "SchedulerOutput",
+        "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+        "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler",
+        "TCDScheduler",
     ),
     "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "ControlNetModel", "AutoencoderKL", "CLIPTextModel",
                         "CLIPTextModelWithProjection"),

@@ -16,3 +16,4 @@ from minidiff.schedulers.tcd import TCDScheduler
 from minidiff.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from minidiff.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from minidiff.schedulers.unipc import UniPCMultistepScheduler
+from minidiff.schedulers.deis import DEISMultistepScheduler

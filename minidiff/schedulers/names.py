@@ -90,8 +90,8 @@ def resolve(name: str) -> tuple[type, dict[str, Any]]:
                 break
     if key not in table:
         known = sampler_names()
-        nearest = difflib.get_close_matches(name, known, n=3, cutoff=0.4) or difflib.get_close_matches(
-            normalise(name), [normalise(k) for k in known], n=1, cutoff=0.4)
+        by_key = {normalise(k): k for k in known}
+        nearest = [by_key[k] for k in difflib.get_close_matches(normalise(name), list(by_key), n=2, cutoff=0.6)]
         hint = f"; did you mean {' or '.join(repr(n) for n in nearest)}?" if nearest else ""
         raise ValueError(f"unknown sampler {name!r}{hint} Accepted: {', '.join(known)}")
     canonical = table[key]

@@ -58,8 +58,9 @@ class TCDScheduler(LCMScheduler):
         super().__init__(**kwargs)
         ignored = [option for option in ("clip_sample", "thresholding") if getattr(self.config, option)]
         if ignored:
-            warnings.warn(f"TCDScheduler ignores {' and '.join(f'{o}=True' for o in ignored)} (as diffusers' TCD does): "
-                          "its x0 is never clipped or thresholded", stacklevel=2)
+            options = " and ".join(f"{option}=True" for option in ignored)
+            warnings.warn(f"TCDScheduler ignores {options} (as diffusers' TCD does): its x0 is never clipped or "
+                          "thresholded", stacklevel=2)
 
     def _distillation_grid(self, original_inference_steps: int | None, strength: float) -> tuple[np.ndarray, int]:
         """Without ``original_inference_steps``: LCM's grid. With it: every timestep below ``int(T * strength)``,
