@@ -14,16 +14,7 @@ import PIL.Image
 import torch
 
 from minidiff.fileio import IMAGE_FORMATS, save_image
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
+from minidiff.schedulers.names import SAMPLERS, resolve
 
 
 @contextmanager
@@ -34,6 +25,15 @@ def stage(name: str, timings: list[tuple[str, float]]):
 
 
 ATTENTION_BACKENDS = ("sdpa", "math", "chunked")
+
+
+def sampler_name(value: str) -> str:
+    """--scheduler's check: a name :func:`minidiff.schedulers.by_name` accepts (argparse prints the error)."""
+    try:
+        resolve(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 COMMANDS = {  # name -> (one line for `minidiff --help`, the description of `minidiff <name> --help`)
     "generate": ("draw an image from a prompt (text to image), optionally controlled by a condition image",
                  "Draw an image from --prompt with classifier-free guidance and write it to --output; with "
@@ -84,7 +84,10 @@ def add_sampling_arguments(sub: argparse.ArgumentParser, name: str) -> None:
                          help="step of the inverted trajectory to resample from, in [0, --steps - 1]; "
                               "0 redraws from pure inverted noise, higher keeps more of --image")
     if name != "edit":
-        sub.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
+        sub.add_argument("--scheduler", "--sampler", type=sampler_name, metavar="NAME",
+                         help="sampler by the name A1111 and ComfyUI use (default: the model's own): "
+                              f"{', '.join(SAMPLERS)}; add Karras, Exponential or Beta for that sigma spacing, "
+                              "e.g. 'DPM++ 2M Karras' (case, spaces and hyphens do not matter)")
         sub.add_argument("--seed", type=int, default=0, help="seed of the noise, an integer in [0, 2**64)")
     if name == "generate":
         sub.add_argument("--control-image", help="condition image for a ControlNet (an outline, edge, depth or pose "
@@ -335,7 +338,7 @@ def sample(args: argparse.Namespace, timings: list[tuple[str, float]]) -> None:
             pipe = pipelines.StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
         load_loras(pipe, loras)
         if getattr(args, "scheduler", None):
-            pipe.scheduler = getattr(schedulers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+            pipe.scheduler = schedulers.by_name(args.scheduler, pipe.scheduler.config)
         if args.vae_tiling:
             pipe.enable_vae_tiling()
     attention = ops.use_backend("attention", args.attention) if args.attention else nullcontext()

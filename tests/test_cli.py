@@ -379,6 +379,36 @@ def test_prompt_weighting_flag_reaches_the_pipeline(capsys, tmp_path):
     assert code == 2 and "unbalanced brackets: '(' is never closed at character 2" in message
 
 
+# ---- --scheduler by name -------------------------------------------------------------------------------------------
+def test_scheduler_flag_takes_sampler_names(capsys, tmp_path, monkeypatch):
+    """"DPM++ 2M Karras" in any spelling reaches the pipeline as that scheduler, on the model's own schedule."""
+    used = []
+    real_run = cli.run_pipeline
+    monkeypatch.setattr(cli, "run_pipeline", lambda pipe, *a: used.append(pipe.scheduler) or real_run(pipe, *a))
+    for spelling in ("DPM++ 2M Karras", "dpm++-2m-karras"):
+        assert cli.main(["generate", "--prompt", PROMPT, "--steps", "2", "--scheduler", spelling,
+                         "--output", str(tmp_path / "o.png"), "--overwrite"]) == 0
+    assert [type(s).__name__ for s in used] == ["DPMSolverMultistepScheduler"] * 2
+    assert all(s.config.use_karras_sigmas and s.config.beta_schedule == "scaled_linear" for s in used)
+
+
+def test_a_misspelt_sampler_stops_before_loading_with_the_nearest_name(capsys, no_model, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--prompt", PROMPT, "--scheduler", "Eulr a", "--output", str(tmp_path / "o.png")])
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 2 and "minidiff generate: error: argument --scheduler/--sampler: unknown sampler 'Eulr a'; did you mean " \
+        "'Euler a'" in err and "Accepted: Euler, Euler Karras" in err, err
+
+
+def test_generate_help_lists_the_sampler_names(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in ("Euler a", "DPM++ 2M SDE", "UniPC", "LCM", "DPM2 a", "PLMS"):
+        assert name in help_text
+
+
 # ---- the README's examples ----------------------------------------------------------------------------------------
 def readme_builtin_commands() -> list[str]:
     """The commands of the bash block in the README's "The built-in model" section, continuation lines joined."""

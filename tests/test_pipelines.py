@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -10,6 +11,9 @@ import pytest
 import torch
 
 import minidiff
+from minidiff.pipelines import checks
+from minidiff.schedulers import by_name
+from minidiff.schedulers.names import SAMPLERS
 from minidiff.pipelines.images import postprocess, preprocess_image, preprocess_mask
 from tests.tiny_components import run_tiny, tiny_pipeline
 
@@ -120,12 +124,33 @@ def test_attention_slicing_and_vae_slicing_keep_the_image(pipe):
     np.testing.assert_allclose(sliced, reference, atol=1e-5)
 
 
-def test_swapping_schedulers_runs(pipe):
+def test_every_named_sampler_runs_the_pipeline(pipe):
+    """Each sampler name (two calls per step, multistep histories, SDE noise, LCM's skipping schedule) runs the
+    pipeline loop to a finite image, built on the model's own scheduler config."""
     original = pipe.scheduler
     try:
-        for name in ("LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):
-            pipe.scheduler = getattr(minidiff, name).from_config(original.config)
-            assert np.isfinite(run_tiny(pipe).images).all()
+        for name in SAMPLERS:
+            pipe.scheduler = by_name(name, original.config)
+            assert np.isfinite(run_tiny(pipe, num_inference_steps=4).images).all(), name
+    finally:
+        pipe.scheduler = original
+
+
+def test_options_a_run_ignores_are_warned_once(pipe, monkeypatch):
+    """eta with a scheduler whose step has none, and a negative prompt with guidance off (how LCM runs), are said
+    once per process, not at every call."""
+    monkeypatch.setattr(checks, "_WARNED", set())
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = minidiff.EulerDiscreteScheduler.from_config(original.config)
+        with pytest.warns(UserWarning, match=r"eta=0.5 is ignored: EulerDiscreteScheduler.step takes no eta"):
+            run_tiny(pipe, eta=0.5)
+        with pytest.warns(UserWarning, match="the negative prompt is ignored: guidance_scale <= 1 turns"):
+            run_tiny(pipe, guidance_scale=1.0, negative_prompt="blurry")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_tiny(pipe, eta=0.5, guidance_scale=1.0, negative_prompt="blurry")  # said already
+            run_tiny(pipe)  # nothing ignored
     finally:
         pipe.scheduler = original
 

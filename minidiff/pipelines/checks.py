@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -150,3 +151,14 @@ def check_callback_result(result: Any, latents: torch.Tensor, step: int) -> torc
         raise ValueError(f"callback_on_step_end returned latents of {got} at step {step}; "
                          f"expected a tensor of shape {tuple(latents.shape)}")
     return check_finite(new, f"latents returned by callback_on_step_end at step {step}")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A UserWarning the first time ``key`` comes up in this process (an option a run ignores is worth saying once,
+    not at every call of a loop)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)

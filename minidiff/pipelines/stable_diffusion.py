@@ -21,7 +21,7 @@ from minidiff.outputs import BaseOutput
 from minidiff.pipelines.base import DiffusionPipeline
 from minidiff.pipelines.checks import (
     check_callback_result, check_clip_skip, check_embeds, check_finite, check_latents, check_prompt_text,
-    check_sampling_arguments, check_size,
+    check_sampling_arguments, check_size, warn_once,
 )
 from minidiff.pipelines.guidance import classifier_free_guidance
 from minidiff.pipelines.images import OUTPUT_TYPES, postprocess
@@ -137,6 +137,10 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         batch = prompt_batch(prompt, prompt_embeds)
         max_length = self.prompt_length
         negatives = self._negative_texts(negative_prompt, prompt, batch)  # checked with or without guidance
+        if not do_classifier_free_guidance and (negative_prompt is not None or negative_prompt_embeds is not None):
+            warn_once("negative prompt without guidance",
+                      "the negative prompt is ignored: guidance_scale <= 1 turns classifier-free guidance off (as "
+                      "LCM and Turbo samplers are run); use guidance_scale > 1 for it to count")
         with scaled_lora(self.text_encoder, lora_scale):
             texts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
             if prompt_embeds is None:  # the tokenizer warns about what it cuts
@@ -247,6 +251,10 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         kwargs: dict[str, Any] = {}
         if "eta" in accepted:
             kwargs["eta"] = eta
+        elif eta != 0:
+            name = type(self.scheduler).__name__
+            warn_once(f"eta with {name}", f"eta={eta} is ignored: {name}.step takes no eta (DDIM and TCD do); "
+                                          "leave eta at 0 or use DDIMScheduler")
         if "generator" in accepted:
             kwargs["generator"] = generator
         return kwargs
