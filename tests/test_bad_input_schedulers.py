@@ -20,7 +20,8 @@ from tests.training_fixtures import one_thread  # noqa: F401  (tiny models run f
 ALL = (md.DDPMScheduler, md.DDIMScheduler, md.DDIMInverseScheduler, md.PNDMScheduler, md.LMSDiscreteScheduler,
        md.EulerDiscreteScheduler, md.EulerAncestralDiscreteScheduler, md.DPMSolverMultistepScheduler,
        md.HeunDiscreteScheduler, md.KDPM2DiscreteScheduler, md.KDPM2AncestralDiscreteScheduler, md.LCMScheduler,
-       md.TCDScheduler, md.DPMSolverSDEScheduler, md.DPMSolverSinglestepScheduler, md.UniPCMultistepScheduler)
+       md.TCDScheduler, md.DPMSolverSDEScheduler, md.DPMSolverSinglestepScheduler, md.UniPCMultistepScheduler,
+       md.DEISMultistepScheduler)
 SMALL = dict(num_train_timesteps=50)
 
 
