@@ -23,7 +23,7 @@ from minidiff.configuration import Config, check_choice
 from minidiff.schedulers.base import SchedulerOutput
 from minidiff.schedulers.betas import check_common_options
 from minidiff.schedulers.dpm_solver import first_order_update
-from minidiff.schedulers.sigmas import check_supported_defaults, with_final_sigma
+from minidiff.schedulers.sigmas import check_supported_defaults
 from minidiff.schedulers.vp_solver import NoiseLevel, VPSolverMixin, noise_level
 
 
@@ -127,12 +127,8 @@ class DEISMultistepScheduler(VPSolverMixin):
         self._begin_run()
         timesteps, sigmas = self._solver_schedule(num_inference_steps)
         respaced = config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas
-        train_sigma_min = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self.sigmas = with_final_sigma(sigmas, float(sigmas[-1]) if respaced else train_sigma_min)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self._reset_history()
-        self._reset_step_index()
+        final_sigma = float(sigmas[-1]) if respaced else self._smallest_training_sigma()
+        self._store_schedule(timesteps, sigmas, final_sigma, device)
 
     def step(
         self,

@@ -19,7 +19,7 @@ from minidiff.configuration import Config, check_choice
 from minidiff.random import randn_tensor
 from minidiff.schedulers.base import SchedulerOutput
 from minidiff.schedulers.betas import check_common_options
-from minidiff.schedulers.sigmas import check_supported_defaults, with_final_sigma
+from minidiff.schedulers.sigmas import check_supported_defaults
 from minidiff.schedulers.vp_solver import NoiseLevel, VPSolverMixin, noise_level
 
 
@@ -186,12 +186,8 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
         config = self.config
         self._begin_run()
         timesteps, sigmas = self._solver_schedule(num_inference_steps)
-        final_sigma = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self.sigmas = with_final_sigma(sigmas, final_sigma if config.final_sigmas_type == "sigma_min" else 0.0)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self._reset_history()
-        self._reset_step_index()
+        final_sigma = self._smallest_training_sigma() if config.final_sigmas_type == "sigma_min" else 0.0
+        self._store_schedule(timesteps, sigmas, final_sigma, device)
 
     def step(
         self,

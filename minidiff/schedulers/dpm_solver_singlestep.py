@@ -44,7 +44,6 @@ from minidiff.schedulers.sigmas import (
     check_supported_defaults,
     interpolate_sigmas,
     sigmas_from_alphas_cumprod,
-    with_final_sigma,
 )
 from minidiff.schedulers.vp_solver import VPSolverMixin, noise_level
 
@@ -219,15 +218,11 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
             steps, sigmas = self._solver_schedule(num_inference_steps)
         else:
             steps, sigmas = self._custom_schedule(timesteps)
-        final_sigma = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self.sigmas = with_final_sigma(sigmas, final_sigma if config.final_sigmas_type == "sigma_min" else 0.0)
-        self.timesteps = torch.from_numpy(steps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(steps)
+        final_sigma = self._smallest_training_sigma() if config.final_sigmas_type == "sigma_min" else 0.0
+        self._store_schedule(steps, sigmas, final_sigma, device)
         self.order_list = get_order_list(len(steps), config.solver_order, config.lower_order_final,
                                          config.final_sigmas_type)
-        self._reset_history()
         self.sample = None
-        self._reset_step_index()
 
     def step(
         self,

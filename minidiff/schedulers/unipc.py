@@ -30,7 +30,7 @@ import torch
 from minidiff.configuration import Config, check_choice
 from minidiff.schedulers.base import SchedulerOutput
 from minidiff.schedulers.betas import check_common_options
-from minidiff.schedulers.sigmas import SIGMA_SPACINGS, check_supported_defaults, with_final_sigma
+from minidiff.schedulers.sigmas import SIGMA_SPACINGS, check_supported_defaults
 from minidiff.schedulers.vp_solver import NoiseLevel, VPSolverMixin, noise_level
 
 
@@ -225,12 +225,8 @@ class UniPCMultistepScheduler(VPSolverMixin):
         elif any(getattr(config, option) for option in SIGMA_SPACINGS):
             final_sigma = sigmas[-1]
         else:
-            final_sigma = (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
-        self.sigmas = with_final_sigma(sigmas, final_sigma)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self._reset_history()
-        self._reset_step_index()
+            final_sigma = self._smallest_training_sigma()
+        self._store_schedule(timesteps, sigmas, final_sigma, device)
 
     def step(
         self,

@@ -25,6 +25,7 @@ from minidiff.schedulers.sigmas import (
     respaced_sigmas,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
+    with_final_sigma,
 )
 
 
@@ -105,6 +106,19 @@ class VPSolverMixin(SigmaSchedulerMixin):
                 "use fewer steps or use_karras_sigmas=True"
             )
         return timesteps, sigmas
+
+    def _smallest_training_sigma(self) -> float:
+        """sigma at t = 0, ``sqrt((1 - abar_0) / abar_0)``: a final noise level the solvers can end on."""
+        return (((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5).item()
+
+    def _store_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, final_sigma: float, device) -> None:
+        """Keep the run's schedule (int64 timesteps; float32 sigmas with the final level appended) and start with
+        an empty history at the first step."""
+        self.sigmas = with_final_sigma(sigmas, final_sigma)
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self._reset_history()
+        self._reset_step_index()
 
     # ---- model input and forward process ---------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
