@@ -21,17 +21,13 @@ import torch
 
 from minidiff.configuration import Config, check_choice
 from minidiff.schedulers.base import SchedulerOutput
-from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
+from minidiff.schedulers.betas import check_common_options
 from minidiff.schedulers.brownian import BrownianTreeNoiseSampler
 from minidiff.schedulers.euler_ancestral import ancestral_sigmas
 from minidiff.schedulers.sigmas import (
     check_sigma_spacing,
-    float_timesteps,
-    interpolate_sigmas,
-    respaced_sigmas,
     sigma_predicted_x0,
     sigma_to_t,
-    sigmas_from_alphas_cumprod,
     with_final_sigma,
 )
 from minidiff.schedulers.two_stage import TwoStageSchedulerMixin, doubled, doubled_sigmas
@@ -69,6 +65,7 @@ class DPMSolverSDEScheduler(TwoStageSchedulerMixin):
     """diffusers' ``DPMSolverSDEScheduler`` (A1111 "DPM++ SDE", "DPM++ SDE Karras")."""
 
     config_class = DPMSolverSDESchedulerConfig
+    timestep_dtype = np.float64
 
     def __init__(self, **kwargs: Any) -> None:
         config = self.register_config(kwargs)
@@ -85,23 +82,10 @@ class DPMSolverSDEScheduler(TwoStageSchedulerMixin):
         self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """N timesteps (float64, as diffusers) and their sigmas with a final 0, each level after the first listed
-        twice; the second call of each step sits at the log-sigma midpoint's (fractional) timestep."""
-        config = self.config
+        """The base schedule (float64 timesteps, as diffusers) with a final sigma of 0, each level after the first
+        listed twice; the second call of each step sits at the log-sigma midpoint's (fractional) timestep."""
         self._begin_run()
-        N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        self.num_inference_steps = N
-        if config.timestep_spacing == "linspace":  # float64 here, unlike the other sigma schedulers
-            timesteps = np.linspace(0, config.num_train_timesteps - 1, N)[::-1].copy()
-        else:
-            timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
-            timesteps = timesteps.astype(np.float64)
-        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        log_train_sigmas = np.log(train_sigmas)
-        sigmas = interpolate_sigmas(timesteps, train_sigmas)
-        respaced = respaced_sigmas(config, sigmas, N)
-        if respaced is not None:
-            sigmas, timesteps = respaced, sigma_to_t(respaced, log_train_sigmas)
+        timesteps, sigmas, log_train_sigmas = self._base_schedule(num_inference_steps)
         midpoint_t = sigma_to_t(log_sigma_midpoints(sigmas), log_train_sigmas)  # (N - 1,)
         timesteps = doubled(torch.from_numpy(timesteps))  # (2N - 1,): t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}
         timesteps[1::2] = torch.from_numpy(midpoint_t)

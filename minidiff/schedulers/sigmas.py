@@ -31,13 +31,15 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> np.ndarray:
     return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
-def float_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int) -> np.ndarray:
-    """Descending float32 timesteps. ``linspace`` keeps fractional values (999, 979.6122, ...); ``leading`` and
-    ``trailing`` are the integer grids of :func:`integer_timesteps` (Lin et al. 2023, Table 2)."""
+def float_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int,
+                    dtype=np.float32) -> np.ndarray:
+    """Descending float timesteps (float32 unless ``dtype`` says otherwise). ``linspace`` keeps fractional values
+    (999, 979.6122, ...); ``leading`` and ``trailing`` are the integer grids of :func:`integer_timesteps`
+    (Lin et al. 2023, Table 2)."""
     if spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=dtype)[::-1].copy()
     timesteps = integer_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset, beyond_last_ok=True)
-    return timesteps.astype(np.float32)
+    return timesteps.astype(dtype)
 
 
 def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ class TwoStageSchedulerMixin(SigmaSchedulerMixin):
 
     order = 2
     round_karras_timesteps = False  # DPM2 rounds the timesteps of Karras sigmas, Heun does not (as diffusers)
+    timestep_dtype = np.float32  # DPM++ SDE's are float64 (as diffusers), which also changes its sigmas' rounding
     sample: torch.Tensor | None = None  # the step's starting sample, held between its two calls
 
     @property
@@ -48,7 +49,8 @@ class TwoStageSchedulerMixin(SigmaSchedulerMixin):
         config = self.config
         N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
         self.num_inference_steps = N
-        timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
+        timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset,
+                                    self.timestep_dtype)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         log_train_sigmas = np.log(train_sigmas)
         sigmas = interpolate_sigmas(timesteps, train_sigmas)
