@@ -19,7 +19,7 @@ _EXPORTS = {
         "TCDScheduler",
     ),
     "minidiff.models": ("UNet2DModel", "UNet2DConditionModel", "ControlNetModel", "AutoencoderKL", "CLIPTextModel",
-                        "CLIPTextModelWithProjection"),
+                        "CLIPTextModelWithProjection", "CLIPTextConfig"),
     "minidiff.text": ("CLIPTokenizer",),
     "minidiff.pipelines": (
         "DiffusionPipeline", "DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline",

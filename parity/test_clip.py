@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import minidiff
 from minidiff.models.clip import CLIPTextModel
 from parity.pipeline_fixtures import randomize_, save_reference_pipeline
 from parity.report import compare
@@ -107,6 +108,28 @@ def test_text_model_prefix_and_position_ids(tmp_path):
     ours = CLIPTextModel.from_pretrained(tmp_path)
     ids = token_ids(SD1_LIKE, batch=2, length=77, seed=4)
     compare_outputs("SD1-like, text_model. prefixed file", *run_both(reference, ours, ids))
+
+
+@pytest.mark.parametrize("model_class", ["CLIPTextModel", "CLIPTextModelWithProjection"])
+def test_positional_config_as_transformers_takes_it(model_class):
+    """``CLIPTextModel(config)`` with transformers' own CLIPTextConfig object (diffusers' pipeline tests build the
+    text encoder so) is the same model: transformers' state dict loads strictly and the outputs agree."""
+    config = transformers.CLIPTextConfig(**{**DIFFUSERS_TEST, "projection_dim": 8})
+    torch.manual_seed(0)
+    reference = getattr(transformers, model_class)(config).eval()
+    randomize_(reference, 0, scale=0.1)
+    ours = getattr(minidiff, model_class)(config).eval()
+    assert ours.config.hidden_size == config.hidden_size and ours.config.eos_token_id == config.eos_token_id
+    ours.load_weights(reference.state_dict())
+    ids = token_ids(DIFFUSERS_TEST, batch=2, length=16, seed=7)
+    with torch.no_grad():
+        theirs_out, ours_out = reference(ids), ours(ids)
+    field = "text_embeds" if model_class == "CLIPTextModelWithProjection" else "pooler_output"
+    compare(COMPONENT, f"{model_class}(transformers config): last_hidden_state", ours_out.last_hidden_state,
+            theirs_out.last_hidden_state, FORWARD_TOL)
+    compare(COMPONENT, f"{model_class}(transformers config): {field}", ours_out[field], theirs_out[field],
+            FORWARD_TOL)
+    assert isinstance(minidiff.CLIPTextModel(ours.config), minidiff.CLIPTextModel)  # minidiff's config object too
 
 
 def test_gradients(tmp_path):

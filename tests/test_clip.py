@@ -160,3 +160,28 @@ def test_prefixed_keys_load(model):
     other = CLIPTextModel(**TINY).load_weights(state)
     ids = ids_with_eos()
     torch.testing.assert_close(other(ids).last_hidden_state, model(ids).last_hidden_state, atol=0, rtol=0)
+
+
+def test_positional_config_gives_the_keyword_model(model):
+    """transformers' form ``CLIPTextModel(config)`` (a config object or mapping) builds what the keywords build."""
+    from minidiff import CLIPTextConfig
+    config = CLIPTextConfig(**TINY)
+    for form in (config, dict(TINY)):
+        torch.manual_seed(0)
+        assert CLIPTextModel(form).config == model.config
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(CLIPTextModel(config).state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((dict(TINY),), dict(hidden_size=4), TypeError, r"CLIPTextModel\(config\) takes no other arguments, got "
+                                                    r"\['hidden_size'\]"),
+    ((42,), {}, TypeError, r"config must be a CLIPTextConfig \(minidiff's or transformers'\) or a mapping, got int"),
+    ((dict(TINY, hidden_layers=3),), {}, ValueError, r"CLIPTextModel\(config\) has config field\(s\) "
+                                                     r"\['hidden_layers'\] that CLIPTextModel does not know"),
+    ((dict(TINY, eos_token_id=100),), {}, ValueError, r"CLIPTextModel\(config\): eos_token_id=100 is invalid"),
+])
+def test_bad_positional_configs_are_refused(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CLIPTextModel(*args, **kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,22 @@ TRANSFORMERS_BOOKKEEPING_KEYS = frozenset({
     "label2id", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
     "problem_type", "gradient_checkpointing",
 })
+
+def constructor_kwargs(cls: type, config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of ``cls(config)``, transformers' form, where ``config`` is a CLIPTextConfig of either library
+    (or a mapping): its keys checked as a config.json's (bookkeeping keys dropped, unknown ones refused). Keywords
+    alone are minidiff's form and pass through."""
+    if config is None:
+        return kwargs
+    if kwargs:
+        raise TypeError(f"{cls.__name__}(config) takes no other arguments, got {sorted(kwargs)}: put them in the "
+                        "config, or pass keywords only")
+    if not isinstance(config, Mapping) and not callable(getattr(config, "to_dict", None)):
+        raise TypeError(f"{cls.__name__}(config): config must be a CLIPTextConfig (minidiff's or transformers') or a "
+                        f"mapping, got {type(config).__name__}")
+    values = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    return cls.config_from_file_values(values, f"{cls.__name__}(config)")
+
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation of GELU
@@ -203,9 +220,9 @@ class CLIPTextModel(TransformersCheckpointingNames, ModelMixin, AttentionBackend
     weights_name = "model.safetensors"
     ignored_config_keys = TRANSFORMERS_BOOKKEEPING_KEYS
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__()
-        c = self.register_config(kwargs)
+        c = self.register_config(constructor_kwargs(type(self), config, kwargs))
         self._check_config(c)
         self.embeddings = CLIPTextEmbeddings(c)
         self.encoder = CLIPEncoder(c)
@@ -372,8 +389,9 @@ class CLIPTextModelWithProjection(TransformersCheckpointingNames, ModelMixin, At
     weights_name = "model.safetensors"
     ignored_config_keys = TRANSFORMERS_BOOKKEEPING_KEYS
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__()
+        kwargs = constructor_kwargs(type(self), config, kwargs)
         c = self.register_config(kwargs)
         self._check_config(c)
         self.text_model = CLIPTextModel(**kwargs)
