@@ -14,6 +14,8 @@ diffusers loads them (``load_lora_weights``, ``load_textual_inversion``) as when
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 import diffusers
@@ -44,6 +46,10 @@ WEIGHT_TOL = 1e-5  # relative, the trained LoRA weights / token rows after the l
 # relative fp32 difference of the two libraries' gradients (measured: 1.3e-6 at step 1) grows to ~lr x 1e-3 in the
 # weights of the smallest gradients; with prior preservation's 2x batch that is 1.8e-5 (LoRA) and 1.0e-5 (UNet).
 ADAM_WEIGHT_TOL = 1e-4
+# The frozen-model prior's first step: the adapters start at zero, so the class rows' change d from the frozen
+# prediction is 0 but for rounding (~1e-7), and so is the prior's gradient; Adam turns the few gradient entries as
+# small as that into updates of a fraction of lr (measured: 2.0e-4 in one LoRA matrix, the rest <= 1e-5).
+FROZEN_PRIOR_WEIGHT_TOL = 5e-4
 WHOLE_UNET_LR = 1e-3  # DreamBooth without LoRA: parity/test_training.py's fine-tuning rate (the script's is 5e-6)
 NP_TOL = 1e-4  # absolute, float64 pipelines' np images in [0, 1]
 STEPS, BATCH, SEED, RESOLUTION, IMAGES = 3, 2, 5, 32, 4
@@ -392,6 +398,7 @@ def test_textual_inversion_training(folder, tmp_path):
 # ------------------------------------------------------------------------------------------------------- DreamBooth
 
 INSTANCE_PROMPT, CLASS_PROMPT, PRIOR_LOSS_WEIGHT, CLASS_IMAGES = "a photo of sks shape", "a photo of a shape", 0.5, 3
+PRIOR_GUIDANCE = 4.0  # prior_guidance_scale of the frozen-model target
 
 
 def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -402,21 +409,61 @@ def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor) -> t
     return F.mse_loss(prediction, target) + PRIOR_LOSS_WEIGHT * F.mse_loss(prediction_prior, target_prior)
 
 
-@pytest.mark.parametrize("use_lora", [True, False], ids=["LoRA", "whole UNet"])
-def test_dreambooth_prior_preservation(folder, tmp_path, use_lora):
+def frozen_model_prior(reference: Reference, frozen):
+    """``prior_target="frozen-model"`` written on the diffusers side: ``(predict, loss_of)`` for Reference.loop.
+    ``predict`` stacks [instance; class] predictions, the class rows under the empty caption, and the frozen
+    model's predictions of both (``frozen()`` yields it, without a graph); ``loss_of`` is mse(instance) +
+    prior_loss_weight x mean(|d_u + g (d_c - d_u)|^2 + |d_u|^2), d the change from the frozen prediction."""
+    def predict(noisy, timesteps, text, parts):
+        empty = reference.text_encoder(reference.token_ids([""] * BATCH))[0]  # (B, 77, D)
+        x, t = noisy[BATCH:], timesteps[BATCH:]  # the class rows, again under the empty caption
+        trained = reference.unet(torch.cat([noisy, x]), torch.cat([timesteps, t]), torch.cat([text, empty])).sample
+        with torch.no_grad(), frozen() as unet:
+            kept = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text[BATCH:], empty])).sample
+        return torch.cat([trained, kept])  # (5B, C, h, w)
+
+    def loss_of(stacked, noise):
+        instance, conditional, unconditional, kept_conditional, kept_unconditional = stacked.split(BATCH)
+        d_c, d_u = conditional - kept_conditional, unconditional - kept_unconditional
+        prior = (d_u + PRIOR_GUIDANCE * (d_c - d_u)).pow(2).mean() + d_u.pow(2).mean()
+        return F.mse_loss(instance, noise[:BATCH]) + PRIOR_LOSS_WEIGHT * prior
+
+    return predict, loss_of
+
+
+@contextlib.contextmanager
+def adapters_off(unet):
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+PRIOR_CASES = {"noise target, LoRA": ("noise", True), "noise target, whole UNet": ("noise", False),
+               "frozen-model target, LoRA": ("frozen-model", True),
+               "frozen-model target, whole UNet": ("frozen-model", False)}
+
+
+@pytest.mark.parametrize("case", list(PRIOR_CASES))
+def test_dreambooth_prior_preservation(folder, tmp_path, case):
     """train_dreambooth(_lora).py with prior preservation: class images already in class_data_dir (3 of them for 4
-    instance images, so the pairing wraps), no flips (the scripts have none), prior_loss_weight 0.5."""
-    component, case = "DreamBooth training", f"prior preservation, {'LoRA' if use_lora else 'whole UNet'}"
+    instance images, so the pairing wraps), no flips (the scripts have none), prior_loss_weight 0.5; and the same
+    with the class images fitted to the frozen model's guided prediction (training/prior.py)."""
+    prior_target, use_lora = PRIOR_CASES[case]
+    component = "DreamBooth training"
     paths = write_images(tmp_path / "instances", None)
     class_paths = [str(tmp_path / "classes" / f"class-{k:05d}.png") for k in range(CLASS_IMAGES)]
     for k, path in enumerate(class_paths):
         write_image(path, size=(RESOLUTION, RESOLUTION), seed=200 + k)
     learning_rate = OPTIMIZER["learning_rate"] if use_lora else WHOLE_UNET_LR
+    guidance = dict(prior_guidance_scale=PRIOR_GUIDANCE) if prior_target == "frozen-model" else {}
     trainer = minidiff_trainer(tmp_path, folder, "run", method="dreambooth", use_lora=use_lora, random_flip=False,
                                train_data_dir=str(tmp_path / "instances"), instance_prompt=INSTANCE_PROMPT,
                                with_prior_preservation=True, class_prompt=CLASS_PROMPT,
                                class_data_dir=str(tmp_path / "classes"), num_class_images=CLASS_IMAGES,
-                               prior_loss_weight=PRIOR_LOSS_WEIGHT, learning_rate=learning_rate)
+                               prior_loss_weight=PRIOR_LOSS_WEIGHT, learning_rate=learning_rate,
+                               prior_target=prior_target, **guidance)
     initial = {k: v.clone() for k, v in lora_state_dict(trainer.task.pipe.unet).items()} if use_lora else None
     ours = trainer.run()
     assert sorted(os.listdir(tmp_path / "classes")) == [os.path.basename(p) for p in class_paths], \
@@ -427,17 +474,25 @@ def test_dreambooth_prior_preservation(folder, tmp_path, use_lora):
         rank = trainer.config.lora_rank
         params = add_peft_lora(reference.unet, rank, trainer.config.lora_alpha or rank,
                                trainer.config.lora_target_modules, initial)
+        frozen = lambda: adapters_off(reference.unet)  # noqa: E731
     else:
+        kept = copy.deepcopy(reference.unet).requires_grad_(False).eval()
         params = list(reference.unet.requires_grad_(True).parameters())
+        frozen = lambda: contextlib.nullcontext(kept)  # noqa: E731
+    predict, loss_of = frozen_model_prior(reference, frozen) if prior_target == "frozen-model" \
+        else (None, prior_preservation_loss)
     batch_of_step = batches(paths, [INSTANCE_PROMPT] * IMAGES, random_flip=False, class_paths=class_paths,
                             class_prompt=CLASS_PROMPT)
-    theirs = reference.loop(params, batch_of_step, loss_of=prior_preservation_loss, learning_rate=learning_rate)
-    compare(component, f"{case}: losses of {STEPS} steps", torch.tensor(ours), torch.tensor(theirs), LOSS_TOL)
+    theirs = reference.loop(params, batch_of_step, loss_of=loss_of, learning_rate=learning_rate, predict=predict)
+    compare(component, f"prior preservation, {case}: losses of {STEPS} steps", torch.tensor(ours),
+            torch.tensor(theirs), LOSS_TOL)
     if use_lora:
         saved = split_lora_file(os.path.join(trainer.config.output_dir, "pytorch_lora_weights.safetensors"))
-        compare_lora(component, case, saved["unet"], get_peft_model_state_dict(reference.unet), ADAM_WEIGHT_TOL)
+        tol = FROZEN_PRIOR_WEIGHT_TOL if prior_target == "frozen-model" else ADAM_WEIGHT_TOL
+        compare_lora(component, f"prior preservation, {case}", saved["unet"],
+                     get_peft_model_state_dict(reference.unet), tol)
     else:
         trained = minidiff.UNet2DConditionModel.from_pretrained(trainer.config.output_dir, subfolder="unet")
         theirs_state, ours_state = reference.unet.state_dict(), trained.state_dict()
-        compare(component, f"{case}: UNet weights after {STEPS} steps",
+        compare(component, f"prior preservation, {case}: UNet weights after {STEPS} steps",
                 flat_state({k: ours_state[k] for k in theirs_state}), flat_state(theirs_state), ADAM_WEIGHT_TOL)

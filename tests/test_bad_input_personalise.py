@@ -135,6 +135,15 @@ def test_a_placeholder_token_already_in_the_vocabulary_is_refused(base, tmp_path
     (dict(method="dreambooth", use_lora=True, with_prior_preservation=True, class_prompt="a shape",
           prior_loss_weight=-0.5), r"prior_loss_weight must lie in \[0, inf\)"),
     (dict(PRIOR, num_class_images=0), r"num_class_images must be an int >= 1, got 0"),
+    (dict(PRIOR, prior_target="teacher"), r"prior_target='teacher' is not supported; accepted values: 'noise', "
+                                          r"'frozen-model'"),
+    (dict(method="dreambooth", prior_target="frozen-model"), r"prior_target 'frozen-model' is the target of prior "
+                                                             r"preservation's class images: add "
+                                                             r"with_prior_preservation"),
+    (dict(PRIOR, prior_guidance_scale=5.0), r"prior_guidance_scale applies to prior_target 'frozen-model' "
+                                            r"\(--prior-target frozen-model\), not 'noise'"),
+    (dict(PRIOR, prior_target="frozen-model", prior_guidance_scale=-1.0),
+     r"prior_guidance_scale must lie in \[0, inf\)"),
     (dict(method="textual-inversion", instance_prompt="a <sks>"), r"textual-inversion needs placeholder_token and "
                                                                   r"initializer_token, e\.g\. --placeholder-token"),
     (dict(method="textual-inversion", placeholder_token="<sks>", instance_prompt="a <sks>"),

@@ -218,7 +218,8 @@ def test_text_conditioned_fine_tuning_in_latent_space(tmp_path):
                          num_sample_images=2)
     trainer = Trainer(config, Distributed())
     batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["a red disc", "a blue triangle"]}
-    latents, conditioning, _, weights = trainer.task.encode(batch, sample_generators(0, 0, range(2)))
+    encoded = trainer.task.encode(batch, sample_generators(0, 0, range(2)))
+    latents, conditioning, weights = encoded.x0, encoded.conditioning, encoded.sample_weights
     empty = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     assert latents.shape == (2, 4, 8, 8) and weights is None
     assert torch.equal(conditioning["input_ids"], empty.expand(2, -1))  # all captions dropped

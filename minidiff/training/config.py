@@ -21,13 +21,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 METHODS = ("full", "lora", "dreambooth", "textual-inversion", "controlnet")
+PRIOR_TARGETS = ("noise", "frozen-model")  # what the class images' loss fits (training/prior.py)
 ADAPTER_METHODS = ("lora", "textual-inversion")  # and dreambooth with use_lora: only small added weights train
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # train_text_to_image_lora.py's target_modules
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # train_dreambooth_lora.py's text encoder targets
 # The float options and the interval each must lie in ("inf": unbounded).
 NUMBER_RANGES = {"learning_rate": "(0, inf)", "caption_dropout": "[0, 1]", "adam_beta1": "[0, 1)",
                  "adam_beta2": "[0, 1)", "adam_weight_decay": "[0, inf)", "adam_epsilon": "[0, inf)",
-                 "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)", "prior_loss_weight": "[0, inf)"}
+                 "ema_max_decay": "[0, 1)", "ema_power": "(0, inf)", "prior_loss_weight": "[0, inf)",
+                 "prior_guidance_scale": "[0, inf)"}
 # str or os.PathLike (kept as str)
 PATH_OPTIONS = ("output_dir", "train_data_dir", "pretrained_model", "resume", "class_data_dir", "controlnet_model")
 BOOL_OPTIONS = ("class_conditional", "overwrite", "progress", "upscale_small_images",
@@ -36,7 +38,7 @@ BOOL_OPTIONS = ("class_conditional", "overwrite", "progress", "upscale_small_ima
 LATER_OPTIONS = ("method", "instance_prompt", "upscale_small_images", "lora_rank", "lora_alpha", "lora_target_modules",
                  "train_text_encoder", "use_lora", "with_prior_preservation", "class_prompt", "class_data_dir",
                  "num_class_images", "prior_loss_weight", "placeholder_token", "initializer_token", "num_vectors",
-                 "controlnet_model", "conditioning_embedding_out_channels")
+                 "controlnet_model", "conditioning_embedding_out_channels", "prior_target", "prior_guidance_scale")
 # Options a resumed run may change; every other option must equal the checkpoint's.
 RESUMABLE_CHANGES = ("output_dir", "resume", "overwrite", "progress", "max_train_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "num_sample_images", "sample_steps", "train_batch_size",
@@ -103,6 +105,12 @@ class TrainConfig:
                                               "<output-dir>/class_images, which --overwrite deletes)")
     num_class_images: int = option(100, "class images to use (generated if the folder holds fewer)")
     prior_loss_weight: float = option(1.0, "weight of the class images' loss")
+    prior_target: str = option("noise", "what the class images' loss fits: noise (train_dreambooth.py: the noise "
+                                        "that made x_t) or frozen-model (the frozen model's guided and "
+                                        "unconditional predictions on the same x_t: forgets far less; a whole-UNet "
+                                        "run keeps a copy of the UNet for it)", choices=PRIOR_TARGETS)
+    prior_guidance_scale: float = option(7.5, "prior_target frozen-model: the guidance scale whose prediction the "
+                                              "class images keep (the one you sample with)")
     # ---- textual inversion (Gal et al. 2022)
     placeholder_token: str | None = option(None, "the new token, e.g. '<cat-toy>'")
     initializer_token: str | None = option(None, "a one-token word whose embedding starts the new token's, e.g. toy")
@@ -234,6 +242,7 @@ class TrainConfig:
         if self.prediction_type is not None:
             check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("method", self.method, METHODS)
+        check_choice("prior_target", self.prior_target, PRIOR_TARGETS)
         self._check_method_options()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue a run or start it over, not both")
@@ -272,6 +281,12 @@ class TrainConfig:
         for given, name, applies, owner in owners:
             if given and not applies:
                 raise ValueError(f"{name} applies to method {owner}, not {method!r}")
+        if self.prior_target != "noise" and not self.with_prior_preservation:
+            raise ValueError(f"prior_target {self.prior_target!r} is the target of prior preservation's class "
+                             "images: add with_prior_preservation (--with-prior-preservation --class-prompt ...)")
+        if self.prior_guidance_scale != 7.5 and self.prior_target != "frozen-model":
+            raise ValueError("prior_guidance_scale applies to prior_target 'frozen-model' (--prior-target "
+                             f"frozen-model), not {self.prior_target!r}")
         if self.with_prior_preservation and self.class_prompt is None:
             raise ValueError("with_prior_preservation needs class_prompt: the prompt the frozen model draws the "
                              "class images from, e.g. 'a photo of a dog'")

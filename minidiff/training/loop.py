@@ -26,6 +26,7 @@ from minidiff.training.distributed import Distributed, init_distributed, shutdow
 from minidiff.training.ema import EMAModel
 from minidiff.training.methods import (build_method, check_class_images_folder, fingerprint, prepare_class_images,
                                        with_class_images)
+from minidiff.training.prior import FrozenModelPrior, squared_error
 from minidiff.training.tasks import build_task
 
 # what a run writes into output_dir (what --overwrite deletes); anything else there is left alone
@@ -35,7 +36,8 @@ RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "loss.png", "samples.png", "mod
 
 def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Generator], prediction_type: str,
                   conditioning: dict | None = None, loss_scale: float = 1.0, autocast_dtype=None,
-                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  sample_weights: torch.Tensor | None = None, prior: FrozenModelPrior | None = None,
+                  prior_rows: int = 0) -> torch.Tensor:
     """One gradient computation of DDPM training (Ho et al. 2020, Algorithm 1) on clean samples ``x0`` (B, C, H, W).
 
     Per sample (each from its own generator): ``t ~ U{0, ..., T-1}`` and ``eps ~ N(0, I)``; then
@@ -44,20 +46,25 @@ def training_step(model, scheduler, x0: torch.Tensor, generators: list[torch.Gen
     ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (``scheduler.get_velocity``; Salimans & Ho 2022, Sec. 4).
     The mean squared error times ``loss_scale`` (1 / accumulation steps) is back-propagated; returns the loss.
     ``sample_weights`` (B,): the loss is instead ``sum_i w_i * mse_i`` over the samples' own mean squared errors
-    (DreamBooth's prior preservation: instance and class halves weighted separately).
+    (DreamBooth's prior preservation: instance and class halves weighted separately). With ``prior``, the last
+    ``prior_rows`` rows are class images fitted to the frozen model's guided prediction instead (``prior.py``).
     """
     timesteps = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)
                            for g in generators]).to(x0.device)  # (B,)
     noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(x0)  # (B, C, H, W)
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        prediction = model(noisy, timesteps, **(conditioning or {})).sample
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+
+    def forward(module, x, t, condition):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            return (module or model)(x, t, **(condition or {})).sample
+
     if sample_weights is None:
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(forward(None, noisy, timesteps, conditioning).float(), target.float())
     else:
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-        loss = (sample_weights * per_sample).sum()
+        per_sample = (prior.per_sample_losses(forward, noisy, timesteps, conditioning, target, prior_rows)
+                      if prior is not None else squared_error(forward(None, noisy, timesteps, conditioning), target))
+        loss = (sample_weights * per_sample).sum()  # per_sample: (B,)
     (loss * loss_scale).backward()
     return loss.detach()
 
@@ -203,7 +210,8 @@ class Trainer:
             with dist.no_sync(self.model, skip=micro < config.gradient_accumulation_steps - 1):
                 total += training_step(self.model, scheduler, encoded.x0, encoded.generators,
                                        scheduler.config.prediction_type, encoded.conditioning,
-                                       1 / config.gradient_accumulation_steps, autocast, encoded.sample_weights).cpu()
+                                       1 / config.gradient_accumulation_steps, autocast, encoded.sample_weights,
+                                       encoded.prior, encoded.prior_rows).cpu()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.trainable.values(), config.max_grad_norm)
         self.optimizer.step()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from minidiff.random import randn_tensor
 from minidiff.outputs import BaseOutput
 from minidiff.training.config import NOISE_SCHEDULERS, TrainConfig
 from minidiff.training.data import ImageFolderDataset, SyntheticShapes
+from minidiff.training.prior import FrozenModelPrior, copy_frozen, lora_frozen
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -40,12 +42,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 class Encoded(NamedTuple):
     """One micro-batch ready for ``training_step``: clean samples, the model's conditioning, one generator per
-    row of ``x0`` (timestep and noise draws) and optional per-row loss weights (None: the plain mean)."""
+    row of ``x0`` (timestep and noise draws), optional per-row loss weights (None: the plain mean) and, with
+    ``prior_target="frozen-model"``, the prior loss of the class rows."""
 
     x0: torch.Tensor  # (B, C, H, W)
     conditioning: dict
     generators: list[torch.Generator]
     sample_weights: torch.Tensor | None = None  # (B,), summing to the loss's total weight
+    prior: FrozenModelPrior | None = None  # the last prior_rows rows fit the frozen model (prior.py)
+    prior_rows: int = 0
 
 
 class PixelDiffusion:
@@ -103,13 +108,13 @@ class TextConditionedUNet(nn.Module):
 class LatentTextDiffusion:
     def __init__(self, pipe, scheduler, resolution: int, caption_dropout: float, prompts: list[str],
                  prior_loss_weight: float, base_model: str, controlnet=None,
-                 conditions: torch.Tensor | None = None):
+                 conditions: torch.Tensor | None = None, prior: FrozenModelPrior | None = None):
         """``scheduler`` makes the training noise (``add_noise``); ``pipe.scheduler`` is what the export samples
         with. With ``controlnet``, ``conditions`` (N, 3, H, W) are the condition images of the sample grids'
-        ``prompts``."""
+        ``prompts``; with ``prior``, class images fit the frozen model instead of the noise."""
         self.pipe, self.resolution, self.caption_dropout, self.prompts = pipe, resolution, caption_dropout, prompts
         self.unet, self.scheduler, self.vae, self.channels = pipe.unet, scheduler, pipe.vae, 3
-        self.prior_loss_weight, self.base_model = prior_loss_weight, base_model
+        self.prior_loss_weight, self.base_model, self.prior = prior_loss_weight, base_model, prior
         self.controlnet, self.conditions = controlnet, conditions
         self.denoiser = TextConditionedUNet(pipe.unet, pipe.text_encoder, controlnet)
         pipe.vae.requires_grad_(False).eval()
@@ -130,7 +135,7 @@ class LatentTextDiffusion:
         size = x0.shape[0]
         weights = torch.cat([torch.full((size,), 1 / size), torch.full((size,), self.prior_loss_weight / size)])
         return Encoded(torch.cat([x0, class_x0]), {"input_ids": torch.cat([ids, class_ids])}, generators * 2,
-                       weights.to(x0.device))
+                       weights.to(x0.device), self.prior, class_x0.shape[0])
 
     @torch.no_grad()
     def _encode(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,9 +352,25 @@ def _latent_text_task(config: TrainConfig, pipe, device: torch.device, dataset=N
         pipe.unet.train()
     else:  # train_controlnet.py: the UNet frozen as loaded (eval), the ControlNet in train mode
         controlnet.to(device).train()
+    prior = frozen_model_prior(config, pipe) if config.prior_target == "frozen-model" else None
     task = LatentTextDiffusion(pipe, training_scheduler, resolution, config.caption_dropout, prompts,
-                               config.prior_loss_weight, base_model_folder(config), controlnet, conditions)
+                               config.prior_loss_weight, base_model_folder(config), controlnet, conditions, prior)
     return task, dataset
+
+
+def frozen_model_prior(config: TrainConfig, pipe) -> FrozenModelPrior:
+    """The prior loss against the frozen model (``prior.py``): the UNet with its LoRA adapters scaled to 0 (they
+    are injected after this, and the base weights never change), or a copy of the UNet as loaded when the whole
+    UNet trains (one more UNet in memory)."""
+    if config.trains_lora:
+        frozen = lora_frozen(TextConditionedUNet(pipe.unet, pipe.text_encoder))
+    else:
+        unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+        frozen = copy_frozen(TextConditionedUNet(unet, pipe.text_encoder))
+    tokenizer = pipe.tokenizer
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt")["input_ids"]  # (1, L)
+    return FrozenModelPrior(frozen, empty, config.prior_guidance_scale)
 
 
 CONDITIONING_CHANNELS = (16, 32, 96, 256)  # ControlNetModel's default conditioning_embedding_out_channels
