@@ -21,8 +21,8 @@ from minidiff.training.shapes import (ALL_COLOURS, CONCEPT_SHAPES, SHAPES, conce
                                       held_out_prompts, read_scene)
 from scripts.builtin.evaluate import prompt_match
 from scripts.personalise.draw import training_scenes
-from scripts.personalise.settings import (CONCEPTS, GUIDANCE, HELD_OUT_PROMPTS, OLD_VOCABULARY_PROMPTS, RESULTS, RUNS,
-                                          RUNS_CONFIG, SEED, STEPS, THREADS)
+from scripts.personalise.settings import (CONCEPTS, GUIDANCE, HELD_OUT_PROMPTS, MORE_SEEDS, OLD_VOCABULARY_PROMPTS,
+                                          RESULTS, RUNS, RUNS_CONFIG, SEED, STEPS, THREADS)
 
 BASE = "base"  # the built-in model as shipped: the "before" of every run
 
@@ -89,8 +89,11 @@ def evaluate(name: str, folder: str | None = None) -> dict:
     report = {}
     for concept in concepts:
         report[concept] = concept_match(pipe, concept)
-    old = prompt_match(pipe, held_out_prompts(OLD_VOCABULARY_PROMPTS), shapes=SHAPES + CONCEPT_SHAPES)
-    report["old_vocabulary"] = {k: old[k] for k in ("fraction", "per_attribute")}
+    prompts = held_out_prompts(OLD_VOCABULARY_PROMPTS)
+    old = prompt_match(pipe, prompts, seed=SEED, shapes=SHAPES + CONCEPT_SHAPES)
+    more = [prompt_match(pipe, prompts, seed=seed, shapes=SHAPES + CONCEPT_SHAPES)["fraction"] for seed in MORE_SEEDS]
+    report["old_vocabulary"] = {**{k: old[k] for k in ("fraction", "per_attribute")},
+                                "fraction_over_seeds": float(np.mean([old["fraction"], *more]))}
     return report
 
 
