@@ -132,7 +132,9 @@ def test_output_container_and_tuple(unet):
         as_tuple = unet(sample, 10, text, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
     assert out.sample.shape == sample.shape and out[0] is out.sample is out["sample"]
-    (unpacked,) = out
+    (key,) = out  # a mapping, as diffusers' outputs: iterating yields the keys
+    assert key == "sample" and isinstance(out, dict) and list(out.values()) == [out.sample]
+    (unpacked,) = out.to_tuple()
     with torch.no_grad():  # the keyword arguments diffusers' pipelines pass (all None for SD 1/2)
         diffusers_style = unet(sample, 10, encoder_hidden_states=text, timestep_cond=None, cross_attention_kwargs=None,
                                added_cond_kwargs=None, return_dict=False)[0]
