@@ -269,13 +269,6 @@ def test_bad_step_counts(cls):
 
 
 @pytest.mark.parametrize("cls", ALL)
-def test_step_before_set_timesteps(cls):
-    x = sample()
-    with pytest.raises(RuntimeError, match="step\\(\\) called before set_timesteps"):
-        cls().step(x, 999.0, x, **step_kwargs(cls))
-
-
-@pytest.mark.parametrize("cls", ALL)
 def test_timestep_not_in_schedule(cls):
     scheduler = cls()
     scheduler.set_timesteps(3)

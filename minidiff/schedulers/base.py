@@ -48,6 +48,9 @@ class SchedulerMixin(ConfigMixin):
     carries_other_options = True  # from_config keeps other schedulers' options, as diffusers does
     order = 1
     timesteps: torch.Tensor | None = None
+    # step() before set_timesteps() walks the training schedule the constructor built (diffusers' DDPM, Euler and
+    # Euler ancestral do so); the others refuse, as diffusers' do or where they would compute garbage
+    steps_training_schedule = False
     _run_thread: int | None = None  # the thread whose set_timesteps started the current run
 
     def __getattr__(self, name: str) -> Any:
@@ -134,7 +137,10 @@ class SchedulerMixin(ConfigMixin):
 
     # ---- checks shared by step() implementations ---------------------------------------------------------------
     def _check_step_args(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
-        if self.timesteps is None or getattr(self, "num_inference_steps", None) is None:
+        """Before ``set_timesteps`` a scheduler steps only where diffusers' does: through the training schedule its
+        constructor built (``steps_training_schedule``, or ``set_timesteps(num_train_timesteps)`` called there)."""
+        unset = getattr(self, "num_inference_steps", None) is None and not self.steps_training_schedule
+        if self.timesteps is None or unset:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(num_inference_steps)")
         self._check_run_owner()
         check_same_shape("model_output", model_output, "sample", sample)

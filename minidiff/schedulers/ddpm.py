@@ -93,6 +93,7 @@ class DDPMScheduler(SchedulerMixin):
     """diffusers' ``DDPMScheduler``: same config keys, timesteps, noise draws and numbers."""
 
     config_class = DDPMSchedulerConfig
+    steps_training_schedule = True
 
     def __init__(self, **kwargs: Any) -> None:
         config = self._init_alpha_bar_schedule(kwargs)

@@ -78,8 +78,7 @@ class DPMSolverSDEScheduler(TwoStageSchedulerMixin):
             raise ValueError(f"noise_sampler_seed={seed!r} must be None or an int >= 0 (the Brownian path's entropy)")
         self.noise_sampler_seed = seed
         self._init_noise_schedule()
-        self.set_timesteps(config.num_train_timesteps)  # as diffusers: the full chain until set_timesteps(N)
-        self.num_inference_steps = None
+        self.set_timesteps(config.num_train_timesteps)  # as diffusers: step() walks it until set_timesteps(N)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The base schedule (float64 timesteps, as diffusers) with a final sigma of 0, each level after the first

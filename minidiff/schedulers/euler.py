@@ -65,6 +65,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler sampler on the sigma grid (diffusers' ``EulerDiscreteScheduler``, k-diffusion's ``sample_euler``)."""
 
     config_class = EulerDiscreteSchedulerConfig
+    steps_training_schedule = True
     order = 1
 
     def __init__(self, **kwargs: Any) -> None:

@@ -58,6 +58,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     """Ancestral Euler sampler ("Euler a"), diffusers' ``EulerAncestralDiscreteScheduler``."""
 
     config_class = EulerAncestralDiscreteSchedulerConfig
+    steps_training_schedule = True
     order = 1
 
     def __init__(self, **kwargs: Any) -> None:

@@ -49,8 +49,7 @@ class HeunDiscreteScheduler(TwoStageSchedulerMixin):
         check_common_options(config)
         check_sigma_spacing(config)
         self._init_noise_schedule()
-        self.set_timesteps(config.num_train_timesteps)  # as diffusers: the full chain until set_timesteps(N)
-        self.num_inference_steps = None
+        self.set_timesteps(config.num_train_timesteps)  # as diffusers: step() walks it until set_timesteps(N)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The base schedule with a final sigma of 0, each level after the first listed twice (one per call)."""

@@ -60,8 +60,7 @@ class KDPM2DiscreteScheduler(TwoStageSchedulerMixin):
         check_choice("prediction_type", config.prediction_type, ("epsilon", "v_prediction"))
         check_sigma_spacing(config)
         self._init_noise_schedule()
-        self.set_timesteps(config.num_train_timesteps)  # as diffusers: the full chain until set_timesteps(N)
-        self.num_inference_steps = None
+        self.set_timesteps(config.num_train_timesteps)  # as diffusers: step() walks it until set_timesteps(N)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The base schedule with a final 0, its log-midpoints ``sigmas_interpol`` (each level with the one before),

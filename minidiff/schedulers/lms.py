@@ -79,9 +79,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         check_sigma_spacing(config)
         self._init_noise_schedule()
         self.derivatives: list[torch.Tensor] = []
-        # diffusers builds the full training schedule with set_timesteps(T); sampling still needs set_timesteps(N).
+        # as diffusers: set_timesteps(T) builds the full training schedule, which step() walks until set_timesteps(N)
         self.set_timesteps(config.num_train_timesteps)
-        self.num_inference_steps = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """N timesteps spaced per ``timestep_spacing`` (fractional for linspace); sigmas interpolated at them, or
