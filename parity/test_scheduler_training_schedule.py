@@ -1,5 +1,6 @@
-"""step() before set_timesteps(), as diffusers' schedulers and its tests do it: the schedulers whose constructor
-builds the training schedule walk it exactly as diffusers' do; the others refuse, where diffusers raises too."""
+"""Scheduler API that diffusers' tests rely on. step() before set_timesteps(): the schedulers whose constructor
+builds the training schedule walk it exactly as diffusers' do; the others refuse, where diffusers raises too. And
+``compatibles``: the classes one config builds."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def test_refuses_where_diffusers_cannot_step(name):
         getattr(diffusers, name)().step(x, 999 if name != "DDIMInverseScheduler" else 0, x)
     with pytest.raises(RuntimeError, match=rf"{name}.step\(\) called before set_timesteps"):
         getattr(minidiff, name)().step(x, 999 if name != "DDIMInverseScheduler" else 0, x)
+
+
+SCHEDULERS = [name for name in minidiff.__all__ if name.endswith("Scheduler")]
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_compatibles_as_diffusers(name):
+    """``scheduler.compatibles`` lists diffusers' classes (those minidiff has), and each builds from this config and
+    gives it back unchanged (diffusers' test_compatibles)."""
+    ours, theirs = getattr(minidiff, name)(), getattr(diffusers, name)()
+    assert {c.__name__ for c in ours.compatibles} == {c.__name__ for c in theirs.compatibles} & set(SCHEDULERS)
+    assert type(ours) in ours.compatibles
+    for other in ours.compatibles:
+        back = type(ours).from_config(other.from_config(ours.config).config)
+        assert dict(back.config) == dict(ours.config), f"{name} -> {other.__name__} -> {name} changed the config"

@@ -11,6 +11,7 @@ any other thread while that run is set raises a RuntimeError. Give each thread i
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
+# diffusers' KarrasDiffusionSchedulers that minidiff has: one config builds any of them (``from_config``)
+KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                     "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
+
+
 class SchedulerMixin(ConfigMixin):
     """Config handling plus the DDPM forward process; subclasses add ``set_timesteps`` and ``step``.
 
@@ -62,6 +70,15 @@ class SchedulerMixin(ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that this one's config builds, itself first (diffusers' ``compatibles``: the
+        Karras-compatible family, or the class alone for DDIMInverse, LCM and TCD)."""
+        name = type(self).__name__
+        names = dict.fromkeys((name, *KARRAS_SCHEDULERS)) if name in KARRAS_SCHEDULERS else (name,)
+        library = importlib.import_module("minidiff")
+        return [getattr(library, n) for n in names if n in library.__all__]
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
