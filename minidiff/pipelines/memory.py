@@ -32,8 +32,6 @@ CUDA; unknown elsewhere, and then nothing is checked). The weights are already l
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from minidiff import ops
