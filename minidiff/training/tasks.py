@@ -35,6 +35,12 @@ from minidiff.training.data import ImageFolderDataset, SyntheticShapes
 from minidiff.training.prior import FrozenModelPrior, copy_frozen, lora_frozen
 
 
+def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids of ``captions`` padded (and cut) to the tokenizer's length, as the pipelines encode prompts: (B, L)."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")["input_ids"]
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     return (postprocess(images, "np") * 255).round().astype(np.uint8)
@@ -146,8 +152,7 @@ class LatentTextDiffusion:
                     for c, g in zip(batch["captions"], generators)]
         captions = self.pipe.maybe_convert_prompt(captions, self.pipe.tokenizer)
         device = self.unet.device
-        ids = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")["input_ids"].to(device)  # (B, 77)
+        ids = caption_ids(self.pipe.tokenizer, captions).to(device)  # (B, 77)
         latents = self.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generators)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor, ids
@@ -367,10 +372,7 @@ def frozen_model_prior(config: TrainConfig, pipe) -> FrozenModelPrior:
     else:
         unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
         frozen = copy_frozen(TextConditionedUNet(unet, pipe.text_encoder))
-    tokenizer = pipe.tokenizer
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt")["input_ids"]  # (1, L)
-    return FrozenModelPrior(frozen, empty, config.prior_guidance_scale)
+    return FrozenModelPrior(frozen, caption_ids(pipe.tokenizer, [""]), config.prior_guidance_scale)
 
 
 CONDITIONING_CHANNELS = (16, 32, 96, 256)  # ControlNetModel's default conditioning_embedding_out_channels
