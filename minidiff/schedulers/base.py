@@ -41,8 +41,8 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # diffusers' KarrasDiffusionSchedulers that minidiff has: one config builds any of them (``from_config``)
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                      "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
 
 
