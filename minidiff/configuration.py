@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
+import warnings
 import os
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
 
 import minidiff
 from minidiff.loading.safetensors_io import read_json_object
+
+USE_DEFAULT_VALUES = "_use_default_values"
 
 
 class Config(Mapping):
@@ -30,19 +34,38 @@ class Config(Mapping):
     Besides its fields, a scheduler config may carry options of other scheduler classes that it was built from
     (``EulerDiscreteScheduler.from_config(ddim.config)`` keeps ``clip_sample``), as diffusers does: they are
     readable as ``config["clip_sample"]``, appear in ``dict(config)``, ``to_dict()`` and saved files, and are handed
-    on by ``from_config``, but they are not attributes and change nothing in the class that carries them.
+    on by ``from_config``, but they are not attributes (code reads ``getattr(config, option, default)`` for options
+    a class may lack) and change nothing in the class that carries them.
+
+    As in diffusers, the mapping also holds ``_use_default_values``, the fields that were not given and hold their
+    class's default (absent when every field was given, as in a config read from a file); it is bookkeeping for
+    ``from_config`` and is not saved.
     """
+
+    # transformers' configs (CLIPTextConfig) have no ``_use_default_values`` key; diffusers' do
+    lists_default_values: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a config equals any mapping with the same items (a dict, diffusers' FrozenDict), as diffusers' configs do;
+        # set before @dataclass runs, which then keeps it instead of writing its field-tuple __eq__
+        super().__init_subclass__(**kwargs)
+        cls.__eq__ = Mapping.__eq__
 
     def __getitem__(self, key: str) -> Any:
         if key in self.field_names():
             return getattr(self, key)
+        if key == USE_DEFAULT_VALUES and self.default_fields():
+            return self.default_fields()
         return self.carried_options()[key]
 
     def __iter__(self):
-        return iter([*self.field_names(), *self.carried_options()])
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self.field_names()) + len(self.carried_options())
+        return len(self._keys())
+
+    def _keys(self) -> list[str]:
+        return [*self.field_names(), *self.carried_options(), *([USE_DEFAULT_VALUES] if self.default_fields() else [])]
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -52,12 +75,42 @@ class Config(Mapping):
         """The fields the caller set; the others hold defaults (diffusers' ``_use_default_values``)."""
         return getattr(self, "_explicit", frozenset(self.field_names()))
 
+    def default_fields(self) -> list[str]:
+        """The fields left at their default, in field order (empty for configs that do not list them)."""
+        if not self.lists_default_values:
+            return []
+        explicit = self.explicit_fields()
+        return [name for name in self.field_names() if name not in explicit]
+
     def carried_options(self) -> dict[str, Any]:
         """Options of other classes kept for ``from_config`` to hand on (diffusers' "hidden" config keys)."""
         return getattr(self, "_carried", {})
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: _jsonable(self[name]) for name in self}
+        """The options as a saved file holds them: fields and carried options, JSON-ready (``_use_default_values``
+        left out, as diffusers' ``save_config`` leaves it out)."""
+        return {name: _jsonable(self[name]) for name in self if name != USE_DEFAULT_VALUES}
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return inspect.Parameter.empty
+
+
+def config_attribute(owner: Any, name: str) -> Any:
+    """``owner.<config key>`` for a ``__getattr__``: the config value with diffusers' FutureWarning (direct config
+    access is deprecated there in favour of ``owner.config.<key>``), or the standard AttributeError."""
+    config = owner.__dict__.get("config")
+    if isinstance(config, Config) and name in config and name != USE_DEFAULT_VALUES:
+        cls = type(owner).__name__
+        warnings.warn(f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. "
+                      f"Please access '{name}' over '{cls}'s config object instead, e.g. 'x.config.{name}'.",
+                      FutureWarning, stacklevel=3)
+        return config[name]
+    raise AttributeError(f"'{type(owner).__name__}' object has no attribute '{name}'")
 
 
 def _jsonable(value: Any) -> Any:
@@ -162,7 +215,10 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 def build_config(config_class: type[Config], owner: str, kwargs: dict[str, Any]) -> Config:
     """Construct ``config_class(**kwargs)``, rejecting unknown keys with the list of accepted ones and values whose
-    type does not fit the field's annotation (naming the option, the value and the expected type)."""
+    type does not fit the field's annotation (naming the option, the value and the expected type). Private keys
+    (``_use_default_values``, ``_class_name``: bookkeeping, not options) are dropped, as diffusers' constructors
+    drop them, so ``Model(**dict(other.config))`` builds the same model."""
+    kwargs = {key: value for key, value in kwargs.items() if not key.startswith("_")}
     known = set(config_class.field_names())
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -198,8 +254,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     if isinstance(config, Config):
         explicit = config.explicit_fields() | set(config.carried_options())
         return {key: value for key, value in config.items() if key in explicit}
-    defaults = set(config.get("_use_default_values", ()))
-    return {key: value for key, value in config.items() if key not in defaults and key != "_use_default_values"}
+    defaults = set(config.get(USE_DEFAULT_VALUES, ()))
+    return {key: value for key, value in config.items() if key not in defaults and key != USE_DEFAULT_VALUES}
 
 
 class ConfigMixin:
@@ -212,10 +268,48 @@ class ConfigMixin:
     config_name: str = "config.json"
     # from_config keeps options this class does not use (other classes' keys) and hands them on (schedulers)
     carries_other_options: bool = False
+    # diffusers' list of constructor keywords kept only for old configs; minidiff's constructors take none
+    _deprecated_kwargs: list[str] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give ``cls.__init__(self, **kwargs)`` the signature of its config (keyword-only options with their
+        defaults), so ``help()``, editors and ``inspect.signature`` list the options, as for diffusers' classes."""
+        super().__init_subclass__(**kwargs)
+        if not dataclasses.is_dataclass(cls.__dict__.get("config_class")):
+            return
+        init = cls.__dict__.get("__init__")
+        if init is None:  # inherited: a forwarding __init__ of this class's own, to carry this class's signature
+            parent_init = cls.__init__
+
+            def init(self, **options: Any) -> None:
+                parent_init(self, **options)
+
+            cls.__init__ = init
+        parameters = list(inspect.signature(init).parameters.values())
+        if [p.kind for p in parameters] != [inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_KEYWORD]:
+            return  # a constructor with its own arguments (CLIPTextModel(config)) keeps its signature
+        options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_field_default(f))
+                   for f in dataclasses.fields(cls.config_class)]
+        init.__signature__ = inspect.Signature([parameters[0], *options], return_annotation=None)
 
     def register_config(self, kwargs: dict[str, Any]) -> Config:
         self.config = build_config(self.config_class, type(self).__name__, kwargs)
         return self.config
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Set config entries after construction, as diffusers' ``register_to_config``: options of this class are
+        type-checked and replace their values in ``config``; other keys are kept as carried options (readable as
+        ``config[key]`` and saved). What the constructor derived from the old values (a scheduler's betas, a
+        model's layers) stays as it was, as in diffusers."""
+        config = self.config
+        fields = set(config.field_names())
+        values = {name: config[name] for name in config.explicit_fields()}
+        values.update({key: value for key, value in kwargs.items() if key in fields})
+        updated = build_config(self.config_class, type(self).__name__, values)
+        carried = {**config.carried_options(),
+                   **{key: value for key, value in kwargs.items() if key not in fields and not key.startswith("_")}}
+        object.__setattr__(updated, "_carried", carried)
+        self.config = updated
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any):

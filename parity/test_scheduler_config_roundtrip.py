@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import minidiff.schedulers as md
+from parity.configs import public
 from parity.report import compare, compare_exact
 
 COMPONENT = "scheduler config round trip"
@@ -41,11 +42,6 @@ SOURCE_OPTIONS = {  # non-default options of each class, a few of them ones most
 }
 NAMES = tuple(SOURCE_OPTIONS)
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "config attributes ... will be ignored"
-
-
-def public(config) -> dict:
-    """A config's options without bookkeeping keys (``_class_name``, ``_use_default_values``, ...)."""
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
 def through(library, names: tuple[str, ...]):

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minidiff.schedulers as md
+from parity.configs import assert_same_config
 from parity.report import compare, compare_exact
 
 TOL = 1e-6
@@ -118,10 +119,8 @@ def clipping(draw):
 def assert_from_config_round_trips(name: str, mine, ref) -> None:
     """minidiff from the diffusers config, and diffusers from dict(minidiff config), carry the same settings."""
     mine_cls, ref_cls = pair(name)
-    keys = list(mine.config)
-    assert dict(mine_cls.from_config(ref.config).config) == {k: ref.config[k] for k in keys}
-    back = ref_cls.from_config(dict(mine.config))
-    assert {k: back.config[k] for k in keys} == dict(mine.config)
+    assert_same_config(mine_cls.from_config(ref.config).config, ref.config)
+    assert_same_config(ref_cls.from_config(dict(mine.config)).config, mine.config)
 
 
 # ---- whole trajectories over drawn configs --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidiff.schedulers.deis import DEISMultistepScheduler
+from parity.configs import assert_same_config, public
 from parity.report import compare, compare_exact
 from parity.test_schedulers_sigma import (
     SD,
@@ -29,7 +30,6 @@ from parity.test_schedulers_sigma import (
     diffusers_keys_and_defaults,
     diffusers_test_model,
     diffusers_test_sample,
-    public,
     start_sample,
     toy_model,
 )
@@ -158,14 +158,14 @@ def test_config_fields_are_diffusers_keys_with_diffusers_defaults():
 def test_from_config_and_folders_across_libraries(tmp_path):
     config = dict(SD, solver_order=3, use_karras_sigmas=True, thresholding=True, lower_order_final=False)
     mine, ref = DEISMultistepScheduler(**config), diffusers.DEISMultistepScheduler(**config)
-    assert dict(DEISMultistepScheduler.from_config(ref.config).config) == public(ref.config)
-    assert public(diffusers.DEISMultistepScheduler.from_config(dict(mine.config)).config) == public(ref.config)
+    assert_same_config(DEISMultistepScheduler.from_config(ref.config).config, ref.config)
+    assert_same_config(diffusers.DEISMultistepScheduler.from_config(dict(mine.config)).config, ref.config)
     mine.save_pretrained(tmp_path / "mine")
     ref.save_pretrained(tmp_path / "ref")
     from_mine_folder = diffusers.DEISMultistepScheduler.from_pretrained(tmp_path / "mine")
     from_ref_folder = DEISMultistepScheduler.from_pretrained(tmp_path / "ref")
     assert public(from_mine_folder.config) == public(ref.config)
-    assert dict(from_ref_folder.config) == dict(mine.config)
+    assert public(from_ref_folder.config) == public(mine.config)
     from_ref_folder.set_timesteps(8)
     from_mine_folder.set_timesteps(8)
     run_side_by_side("built across libraries (from_config, folders)", from_ref_folder, from_mine_folder)
@@ -176,7 +176,7 @@ def test_from_a_dpm_solver_config():
     solver types to deis / logrho and ignores the keys DEIS lacks; so does minidiff."""
     dpm = diffusers.DPMSolverMultistepScheduler(**SD, solver_type="heun", final_sigmas_type="sigma_min")
     mine, ref = DEISMultistepScheduler.from_config(dpm.config), diffusers.DEISMultistepScheduler.from_config(dpm.config)
-    assert dict(mine.config) == public(ref.config)
+    assert_same_config(mine.config, ref.config)
     mine.set_timesteps(12)
     ref.set_timesteps(12)
     run_side_by_side("from a DPM-Solver config", mine, ref)

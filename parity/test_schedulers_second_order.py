@@ -23,6 +23,8 @@ def second_order_options(draw, name: str) -> dict:
     options = dict(draw(common_options(PREDICTIONS.get(name, ("epsilon", "v_prediction")))), **draw(SIGMA_SPACING))
     if name == "HeunDiscreteScheduler" and draw(st.booleans()):
         options.update(clip_sample=True, clip_sample_range=draw(st.sampled_from([1.0, 2.5])))
+    if name == "HeunDiscreteScheduler" and draw(st.integers(0, 3)) == 0:
+        options["beta_schedule"] = "exp"  # Heun's own schedule, abar(t) = exp(-12 t)
     return options
 
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import minidiff.schedulers as md
 from minidiff.schedulers.lms import lms_coefficients
+from parity.configs import assert_same_config, public
 from parity.report import compare, compare_exact
 
 TOL = 1e-6
@@ -424,24 +425,19 @@ CROSS_CONFIGS = {
 }
 
 
-def public(config) -> dict:
-    """A config's options without diffusers' bookkeeping keys (``_class_name``, ``_use_default_values`` ...)."""
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_from_config_and_folders_across_libraries(name, tmp_path):
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **CROSS_CONFIGS[name])
     mine_cls, ref_cls = getattr(md, name), getattr(diffusers, name)
     mine, ref = mine_cls(**config), ref_cls(**config)
-    assert dict(mine_cls.from_config(ref.config).config) == public(ref.config)
-    assert public(ref_cls.from_config(dict(mine.config)).config) == public(ref.config)
+    assert_same_config(mine_cls.from_config(ref.config).config, ref.config)
+    assert_same_config(ref_cls.from_config(dict(mine.config)).config, ref.config)
     mine.save_pretrained(tmp_path / "mine")
     ref.save_pretrained(tmp_path / "ref")
     from_mine_folder = ref_cls.from_pretrained(tmp_path / "mine")
     from_ref_folder = mine_cls.from_pretrained(tmp_path / "ref")
     assert public(from_mine_folder.config) == public(ref.config)
-    assert dict(from_ref_folder.config) == dict(mine.config)
+    assert public(from_ref_folder.config) == public(mine.config)
     from_ref_folder.set_timesteps(8)
     from_mine_folder.set_timesteps(8)
     if name == "LMSDiscreteScheduler":  # stock diffusers LMS: see the module docstring

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minidiff.schedulers.unipc as unipc
+from parity.configs import assert_same_config, public
 from parity.report import compare, compare_exact
 from parity.test_schedulers_sigma import (
     HYPOTHESIS,
@@ -213,13 +214,11 @@ def test_config_fields_are_diffusers_keys_with_diffusers_defaults():
 
 
 def test_from_config_and_folders_across_libraries(tmp_path):
-    from parity.test_schedulers_sigma import public
-
     config = dict(SD_BETAS, solver_order=3, use_karras_sigmas=True, disable_corrector=[0, 3], solver_type="bh1",
                   final_sigmas_type="sigma_min")
     mine, ref = unipc.UniPCMultistepScheduler(**config), diffusers.UniPCMultistepScheduler(**config)
-    assert dict(unipc.UniPCMultistepScheduler.from_config(ref.config).config) == public(ref.config)
-    assert public(diffusers.UniPCMultistepScheduler.from_config(dict(mine.config)).config) == public(ref.config)
+    assert_same_config(unipc.UniPCMultistepScheduler.from_config(ref.config).config, ref.config)
+    assert_same_config(diffusers.UniPCMultistepScheduler.from_config(dict(mine.config)).config, ref.config)
     mine.save_pretrained(tmp_path / "mine")
     ref.save_pretrained(tmp_path / "ref")
     from_mine_folder = diffusers.UniPCMultistepScheduler.from_pretrained(tmp_path / "mine")

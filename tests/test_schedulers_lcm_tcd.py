@@ -126,7 +126,7 @@ def test_previous_timestep_and_round_trip(cls, tmp_path):
     scheduler = cls(original_inference_steps=25, timestep_scaling=5.0, prediction_type="v_prediction")
     scheduler.save_pretrained(tmp_path)
     again = cls.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(scheduler.config)
+    assert again.config.to_dict() == scheduler.config.to_dict()
     assert dict(cls.from_config(scheduler.config).config) == dict(scheduler.config)
     again.set_timesteps(timesteps=[999, 519, 279])
     assert [int(again.previous_timestep(t)) for t in again.timesteps] == [519, 279, -1]

@@ -280,7 +280,7 @@ def test_config_round_trip(cls, tmp_path):
     scheduler = cls(num_train_timesteps=500, timestep_spacing="trailing", prediction_type="v_prediction", **SD)
     scheduler.save_pretrained(tmp_path)
     loaded = cls.from_pretrained(tmp_path)
-    assert loaded.config == scheduler.config
+    assert loaded.config.to_dict() == scheduler.config.to_dict()
     assert cls.from_config(scheduler.config).config == scheduler.config
     assert loaded.num_train_timesteps == 500
     scheduler.set_timesteps(9)
@@ -317,7 +317,6 @@ def test_from_config_takes_other_schedulers_configs():
         (DPMSolverMultistepScheduler, dict(solver_type="rk4"), "solver_type='rk4'.*'heun'"),
         (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "final_sigmas_type='zero' needs algorithm_type"),
         (DPMSolverMultistepScheduler, dict(variance_type="learned"), "variance_type='learned' is not supported by minidiff"),
-        (LMSDiscreteScheduler, dict(trained_betas=[0.1, 0.2]), "trained_betas has shape \\(2,\\); expected \\(1000,\\)"),
     ],
 )
 def test_bad_options(cls, options, message):

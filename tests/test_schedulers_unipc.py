@@ -120,7 +120,7 @@ def test_config_round_trip(tmp_path):
                                         final_sigmas_type="sigma_min", use_karras_sigmas=True, sigma_max=14.6)
     scheduler.save_pretrained(tmp_path)
     loaded = UniPCMultistepScheduler.from_pretrained(tmp_path)
-    assert dict(loaded.config) == dict(scheduler.config)
+    assert loaded.config.to_dict() == scheduler.config.to_dict()
     assert run(loaded, 7).equal(run(scheduler, 7))
     assert UniPCMultistepScheduler.from_config(scheduler.config).config.disable_corrector == [0, 2]
 

@@ -227,7 +227,7 @@ def test_text_conditioned_fine_tuning_in_latent_space(tmp_path):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     exported = minidiff.StableDiffusionPipeline.from_pretrained(tmp_path / "run")
     assert type(exported.scheduler) is type(pipe.scheduler)  # trained with DDPM's add_noise, exported with its own
-    assert dict(exported.scheduler.config) == dict(pipe.scheduler.config)
+    assert exported.scheduler.config.to_dict() == pipe.scheduler.config.to_dict()
     exported.set_progress_bar_config(disable=True)
     image = exported("a green square", height=16, width=16, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)

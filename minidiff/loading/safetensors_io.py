@@ -165,8 +165,13 @@ def load_folder_weights(folder: str, weights_name: str, variant: str | None = No
 
 
 def load_weights_path(path: str, folder: str) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file or, for a ``*.index.json``, of every shard it names in ``folder``."""
-    return load_sharded(path, folder) if path.endswith(".index.json") else load_safetensors(path)
+    """The tensors of a weights file or, for a shard index (``*.index.json``, ``*.index.<variant>.json``), of every
+    shard it names in ``folder``."""
+    return load_sharded(path, folder) if is_shard_index(path) else load_safetensors(path)
+
+
+def is_shard_index(path: str) -> bool:
+    return path.endswith(".json") and ".safetensors.index." in os.path.basename(path)
 
 
 def find_folder_weights(folder: str, weights_name: str, variant: str | None = None) -> str:
@@ -180,8 +185,11 @@ def find_folder_weights(folder: str, weights_name: str, variant: str | None = No
     hint = " (try variant=... for files such as *.fp16.safetensors)" if any(".fp16." in p for p in present) else ""
     if any(name.endswith(".bin") for name in present) and not any(name.endswith(".safetensors") for name in present):
         hint = "; only pickled .bin weights are present: convert them to safetensors (minidiff never unpickles)"
+    pickle_name = with_variant(weights_name.replace(".safetensors", ".bin"), variant)
     raise FileNotFoundError(
-        f"no {with_variant(weights_name, variant)} (or sharded index) in {folder}; found {present or 'nothing'}{hint}"
+        f"Error no file named {with_variant(weights_name, variant)} (or its shard index) found in directory {folder}; "
+        f"found {present or 'nothing'}{hint}. (diffusers would go on to look for {pickle_name}, which minidiff never "
+        f"unpickles: Error no file named {pickle_name} found in directory {folder}.)"
     )
 
 
@@ -191,3 +199,62 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str, metadata: d
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
+
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_shard_size(max_shard_size: int | str) -> int:
+    """``max_shard_size`` in bytes: an int, or a string such as ``"10GB"`` or ``"750KB"`` (decimal units, as the
+    hub's ``parse_size_to_int``)."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    elif isinstance(max_shard_size, str) and max_shard_size.strip()[-2:].upper() in SIZE_UNITS:
+        text = max_shard_size.strip()
+        try:
+            size = int(float(text[:-2]) * SIZE_UNITS[text[-2:].upper()])
+        except ValueError:
+            size = 0
+    else:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r} is not a size: pass bytes as a positive int or a string "
+                         f"such as '10GB' (units {', '.join(SIZE_UNITS)})")
+    return size
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], folder: str, weights_name: str, variant: str | None = None,
+                 max_shard_size: int | str = "10GB") -> list[str]:
+    """Write ``state_dict`` as ``weights_name`` (with ``variant``), or, when it exceeds ``max_shard_size``, as shards
+    ``<stem>-00001-of-0000N.safetensors`` with a ``<name>.index.json`` (the hub's layout: tensors in order, a new shard
+    when the next would pass the limit, a tensor larger than the limit alone). Stale weights of the same name, single
+    or sharded, are removed first so the folder holds one copy. Returns the files written."""
+    limit = parse_shard_size(max_shard_size)
+    name = with_variant(weights_name, variant)
+    index_name = with_variant(weights_name + ".index.json", variant)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    stem = name[: -len(".safetensors")]
+    for old in os.listdir(folder):  # an earlier save of this model: one copy of its weights stays
+        if old in (name, index_name) or (old.startswith(stem + "-") and old.endswith("safetensors")):
+            os.remove(os.path.join(folder, old))
+    if len(shards) == 1:
+        save_safetensors(shards[0], os.path.join(folder, name))
+        return [name]
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard_name, shard in zip(names, shards):
+        save_safetensors(shard, os.path.join(folder, shard_name))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total},
+             "weight_map": {key: shard_name for shard_name, shard in zip(names, shards) for key in shard}}
+    with open(os.path.join(folder, index_name), "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2)
+        handle.write("\n")
+    return [*names, index_name]

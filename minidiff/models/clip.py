@@ -76,6 +76,7 @@ ACTIVATIONS = {
 class CLIPTextConfig(Config):
     """transformers' CLIPTextConfig keys and defaults (the OpenAI ViT-B/32 text tower)."""
 
+    lists_default_values = False  # transformers' configs have no _use_default_values
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048

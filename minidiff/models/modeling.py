@@ -15,11 +15,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minidiff.adapters.lora import base_state_dict, has_lora, list_lora_adapters, lora_layers, unfused_lora_adapters
-from minidiff.configuration import ConfigMixin, build_config
+from minidiff.configuration import ConfigMixin, build_config, config_attribute
 from minidiff.loading.hub import resolve_folder
-from minidiff.loading.safetensors_io import (
-    find_folder_weights, load_weights_path, save_safetensors, with_variant,
-)
+from minidiff.loading.safetensors_io import find_folder_weights, load_weights_path, parse_shard_size, save_weights
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -55,6 +53,42 @@ def skip_weight_init():
     finally:
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
+
+
+def merge_dtype_arguments(torch_dtype: Any, dtype: Any) -> Any:
+    """diffusers takes the dtype as ``torch_dtype`` or ``dtype``; both given must agree."""
+    if torch_dtype is not None and dtype is not None and parse_dtype(torch_dtype) != parse_dtype(dtype):
+        raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree: pass one of them")
+    return dtype if torch_dtype is None else torch_dtype
+
+
+def device_of_map(device_map: Any) -> torch.device | None:
+    """The one device a ``device_map`` names: a device or its name or index, ``{"": device}``, or ``"auto"`` (CUDA
+    when present, else CPU). Maps that split a model across devices are refused: minidiff keeps a model whole."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if set(device_map) != {""} and len(devices) != 1:
+            raise ValueError(f"device_map={device_map} splits the model across devices, which minidiff does not do; "
+                             "pass one device (e.g. device_map='cuda') or move parts yourself")
+        (device_map,) = devices
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map in ("balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={device_map!r} spreads a model over several GPUs (accelerate), which minidiff "
+                         "does not do; pass one device such as 'cuda' or 'auto'")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a device: pass 'cpu', 'cuda', 'cuda:1', an index, "
+                         "{'': device} or 'auto'") from None
+
+
+def check_safe_serialization(safe_serialization: bool) -> None:
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False would write pickled weights, which minidiff never writes (pickles "
+                         "can run code when loaded); save safetensors, which diffusers reads too")
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
@@ -156,6 +190,8 @@ class ModelMixin(nn.Module, ConfigMixin):
     ignored_config_keys: frozenset[str] = frozenset()
     # models whose blocks call their layers through ``checkpointed`` (they hold a ``gradient_checkpointing`` flag)
     _supports_gradient_checkpointing = False
+    # diffusers' modules kept in float32 whatever torch_dtype loads the rest in: none of minidiff's models has one
+    _keep_in_fp32_modules: list[str] | None = None
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block layer's activations in the backward pass (see ``checkpointed``): training takes
@@ -178,6 +214,14 @@ class ModelMixin(nn.Module, ConfigMixin):
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enable
+
+    def __getattr__(self, name: str) -> Any:
+        # parameters, buffers and submodules first (nn.Module); then `model.in_channels` reads the config value
+        # with a FutureWarning, as in diffusers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return config_attribute(self, name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,9 +271,26 @@ class ModelMixin(nn.Module, ConfigMixin):
         subfolder: str | None = None,
         torch_dtype: Any = None,
         variant: str | None = None,
-    ) -> "ModelMixin":
-        """Load a diffusers-layout folder: ``config.json`` + weights (single, sharded or ``variant`` files)."""
-        dtype = parse_dtype(torch_dtype)
+        *,
+        dtype: Any = None,
+        device_map: Any = None,
+        low_cpu_mem_usage: bool = True,
+        output_loading_info: bool = False,
+        use_safetensors: bool | None = None,
+    ) -> "ModelMixin" | tuple["ModelMixin", dict[str, list]]:
+        """Load a diffusers-layout folder: ``config.json`` + weights (single, sharded or ``variant`` files).
+
+        diffusers' keywords: ``dtype`` is another name for ``torch_dtype``; ``device_map`` puts the whole model on
+        one device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, an index, ``{"": device}``, or ``"auto"``: CUDA when present);
+        ``low_cpu_mem_usage`` changes nothing (minidiff always builds without random weights, then loads every
+        tensor strictly); ``output_loading_info=True`` also returns the missing/unexpected/mismatched keys, which a
+        strict load leaves empty; ``use_safetensors=False`` is refused (minidiff reads safetensors only)."""
+        if use_safetensors is False:
+            raise ValueError("use_safetensors=False asks for pickled weights, which minidiff never loads: convert "
+                             "them to safetensors")
+        dtype = parse_dtype(merge_dtype_arguments(torch_dtype, dtype))
+        device = device_of_map(device_map)
+        del low_cpu_mem_usage  # accepted for diffusers' signature: loading is always without random init
         root = resolve_folder(pretrained_model_name_or_path)
         folder = os.path.join(root, subfolder) if subfolder else root
         config_path = os.path.join(folder, cls.config_name)
@@ -240,9 +301,12 @@ class ModelMixin(nn.Module, ConfigMixin):
         with skip_weight_init():
             model = cls(**kwargs)
         model.load_weights(state_dict, source=weights_path)
-        if dtype is not None:
-            model.to(dtype)
-        return model.eval()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        model.eval()
+        if output_loading_info:
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
@@ -256,20 +320,28 @@ class ModelMixin(nn.Module, ConfigMixin):
         component = COMPONENT_OF_CLASS[cls.__name__]
         return load_single_file(path, config=config, torch_dtype=torch_dtype, components=(component,), **kwargs)[component]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> None:
-        """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads.
+    def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None, *,
+                        max_shard_size: int | str = "10GB", safe_serialization: bool = True,
+                        is_main_process: bool = True) -> None:
+        """Write ``config.json`` and safetensors weights that diffusers' (or transformers') from_pretrained reads:
+        one file, or shards of at most ``max_shard_size`` (``"5GB"``, ``"750KB"`` or bytes) with an index json.
+        ``safe_serialization=False`` (pickled weights) is refused: minidiff never writes pickles. Only the main
+        process writes (``is_main_process``, for distributed training).
 
         LoRA: fused adapters are saved in the weights, under the base keys (diffusers' ``fuse_lora();
         unload_lora_weights(); save_pretrained()``); adapters running unfused are refused rather than dropped."""
+        check_safe_serialization(safe_serialization)
         unfused = unfused_lora_adapters(self)
         if unfused:
             raise ValueError(f"{type(self).__name__} runs LoRA adapter(s) {unfused} unfused, which its weights "
                              "cannot hold: fuse_lora() to save them baked in, unload_lora_weights() to save the base "
                              "model, or save the adapters with save_lora_weights()")
+        parse_shard_size(max_shard_size)  # a bad size is refused before anything is written
+        if not is_main_process:
+            return
         os.makedirs(save_directory, exist_ok=True)
         self.save_config(save_directory)
-        path = os.path.join(os.fspath(save_directory), with_variant(self.weights_name, variant))
-        save_safetensors(base_state_dict(self), path)
+        save_weights(base_state_dict(self), os.fspath(save_directory), self.weights_name, variant, max_shard_size)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

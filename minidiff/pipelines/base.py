@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from minidiff.loading.components import component_class
 from minidiff.loading.hub import resolve_folder
 from minidiff.loading.safetensors_io import read_json_object
+from minidiff.models.modeling import check_safe_serialization, merge_dtype_arguments
 from minidiff.pipelines.images import numpy_to_pil
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -100,10 +101,17 @@ class DiffusionPipeline:
 
     # ---- folders ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant: str | None = None, **overrides):
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, variant: str | None = None, *,
+                        dtype: Any = None, device_map: Any = None, low_cpu_mem_usage: bool = True,
+                        use_safetensors: bool | None = None, **overrides):
         """Load every component from a diffusers pipeline folder; pass ``name=object`` to supply one yourself.
         Pipeline-level values of model_index.json (``cls.config_names``, e.g. SDXL's force_zeros_for_empty_prompt)
-        go to the pipeline's __init__; a keyword argument of the same name overrides the file's value."""
+        go to the pipeline's __init__; a keyword argument of the same name overrides the file's value.
+
+        As in diffusers: ``torch_dtype`` (or ``dtype``) is a dtype or a dict ``{component: dtype, "default": dtype}``;
+        ``variant`` loads ``*.<variant>.safetensors`` weights; ``device_map`` puts every model on one device (see
+        ModelMixin.from_pretrained, which also describes ``low_cpu_mem_usage`` and ``use_safetensors``)."""
+        dtypes = merge_dtype_arguments(torch_dtype, dtype)
         folder = resolve_folder(pretrained_model_name_or_path)
         index_path, index = read_model_index(folder)
         config_names = getattr(cls, "config_names", ())
@@ -126,15 +134,29 @@ class DiffusionPipeline:
             if not os.path.isdir(os.path.join(folder, name)):
                 raise FileNotFoundError(f"{index_path} lists {name!r} but {os.path.join(folder, name)} is not a "
                                         f"folder; restore it or pass {name}=... to from_pretrained")
+        if variant is not None:
+            check_variant_present(folder, [name for name in classes if not name.startswith(TOKENIZER_OR_SCHEDULER)],
+                                  variant)
         components = {name: overrides.pop(name) for name in cls.component_names if name in overrides}
+        model_options = dict(variant=variant, device_map=device_map, low_cpu_mem_usage=low_cpu_mem_usage,
+                             use_safetensors=use_safetensors)
         for name, component_cls in classes.items():
-            components[name] = _load_component(name, component_cls, folder, torch_dtype, variant)
+            if name.startswith(TOKENIZER_OR_SCHEDULER):
+                components[name] = component_cls.from_pretrained(folder, subfolder=name)
+            else:
+                components[name] = component_cls.from_pretrained(folder, subfolder=name, **model_options,
+                                                                 torch_dtype=component_dtype(dtypes, name))
         if overrides:
             raise TypeError(f"unknown components {sorted(overrides)}; {cls.__name__} has {list(cls.component_names)}")
         return cls(**components, **config)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write each component to its subfolder plus model_index.json (diffusers' layout)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None) -> None:
+        """Write each component to its subfolder plus model_index.json (diffusers' layout). Models take ``variant``
+        (``*.fp16.safetensors``) and ``max_shard_size`` (see ModelMixin.save_pretrained); ``safe_serialization=False``
+        is refused: minidiff never writes pickles."""
+        check_safe_serialization(safe_serialization)
+        model_options = {"variant": variant, **({} if max_shard_size is None else {"max_shard_size": max_shard_size})}
         os.makedirs(save_directory, exist_ok=True)
         index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": "0.42.1"}
         for name, component in self.components.items():
@@ -143,7 +165,8 @@ class DiffusionPipeline:
                 continue
             library = "transformers" if name.startswith(("text_encoder", "tokenizer")) else "diffusers"
             index[name] = [library, type(component).__name__]
-            component.save_pretrained(os.path.join(os.fspath(save_directory), name))
+            options = model_options if isinstance(component, torch.nn.Module) else {}
+            component.save_pretrained(os.path.join(os.fspath(save_directory), name), **options)
         for name in SKIPPED_COMPONENTS[:2]:
             index[name] = [None, None]
         index["requires_safety_checker"] = False
@@ -153,7 +176,22 @@ class DiffusionPipeline:
             json.dump(index, handle, indent=2)
 
 
-def _load_component(name: str, cls: type, folder: str, torch_dtype, variant):
-    if name.startswith(("tokenizer", "scheduler")):
-        return cls.from_pretrained(folder, subfolder=name)
-    return cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)
+TOKENIZER_OR_SCHEDULER = ("tokenizer", "scheduler")
+MODEL_LOAD_OPTIONS = ("dtype", "device_map", "low_cpu_mem_usage", "use_safetensors")  # keywords of from_pretrained
+
+
+def component_dtype(dtypes: Any, name: str) -> Any:
+    """The dtype for component ``name``: ``dtypes`` itself, or its entry (or ``"default"``) when it is a dict."""
+    if isinstance(dtypes, dict):
+        return dtypes.get(name, dtypes.get("default"))
+    return dtypes
+
+
+def check_variant_present(folder: str, model_names: list[str], variant: str) -> None:
+    """A ``variant`` that none of the model folders has is an error naming what the folders hold (diffusers' text)."""
+    found = {name: sorted(os.listdir(os.path.join(folder, name))) for name in model_names}
+    if not any(f".{variant}." in file for files in found.values() for file in files):
+        weights = {name: [f for f in files if f.endswith(".safetensors")] for name, files in found.items()}
+        raise ValueError(f"You are trying to load the model files of the `variant={variant}`, but no such modeling "
+                         f"files are available in {folder}: the model folders hold {weights}; pass the variant "
+                         "they were saved with, or variant=None")

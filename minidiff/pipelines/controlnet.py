@@ -25,7 +25,8 @@ from torch import nn
 
 from minidiff.loading.hub import resolve_folder
 from minidiff.models.controlnet import ControlNetModel
-from minidiff.pipelines.base import entry_class_name, read_model_index
+from minidiff.models.modeling import merge_dtype_arguments
+from minidiff.pipelines.base import MODEL_LOAD_OPTIONS, component_dtype, entry_class_name, read_model_index
 from minidiff.pipelines.checks import check_number, check_sampling_arguments, check_size
 from minidiff.pipelines.images import to_float_batch, as_image_list, default_size
 from minidiff.pipelines.stable_diffusion import StableDiffusionBase, prompt_batch
@@ -79,17 +80,19 @@ class MultiControlNetModel(nn.Module):
         return summed_residuals(self.nets, sample, timestep, encoder_hidden_states, controlnet_cond,
                                 conditioning_scale, guess_mode, cross_attention_kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **options: Any) -> None:
+        """Each net with ModelMixin.save_pretrained's ``options`` (variant, max_shard_size, ...)."""
         for i, net in enumerate(self.nets):
-            net.save_pretrained(os.fspath(save_directory) + ("" if i == 0 else f"_{i}"))
+            net.save_pretrained(os.fspath(save_directory) + ("" if i == 0 else f"_{i}"), **options)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype=None, variant: str | None = None):
-        """The nets saved in ``folder``, ``folder_1``, ``folder_2``, ... (until one is missing)."""
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype=None, variant: str | None = None, **options: Any):
+        """The nets saved in ``folder``, ``folder_1``, ``folder_2``, ... (until one is missing), each loaded with
+        ModelMixin.from_pretrained's ``options`` (device_map, ...)."""
         folder, nets = os.fspath(folder), []
         while os.path.isdir(folder + ("" if not nets else f"_{len(nets)}")):
             path = folder + ("" if not nets else f"_{len(nets)}")
-            nets.append(ControlNetModel.from_pretrained(path, torch_dtype=torch_dtype, variant=variant))
+            nets.append(ControlNetModel.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, **options))
         if not nets:
             raise FileNotFoundError(f"{folder} is not a folder; a MultiControlNetModel is saved as {folder}, "
                                     f"{folder}_1, ...")
@@ -200,11 +203,10 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
                 raise ValueError(f"{index_path} names {class_name} for 'controlnet'; supported: "
                                  f"{list(CONTROLNET_CLASSES)}. Fix the entry or pass controlnet=... yourself")
             path = os.path.join(folder, "controlnet")
-            if class_name == "ControlNetModel":
-                overrides["controlnet"] = ControlNetModel.from_pretrained(path, torch_dtype=torch_dtype,
-                                                                          variant=variant)
-            else:
-                overrides["controlnet"] = MultiControlNetModel.from_pretrained(path, torch_dtype, variant)
+            options = {key: overrides[key] for key in MODEL_LOAD_OPTIONS if key in overrides}
+            dtype = component_dtype(merge_dtype_arguments(torch_dtype, options.pop("dtype", None)), "controlnet")
+            loader = ControlNetModel if class_name == "ControlNetModel" else MultiControlNetModel
+            overrides["controlnet"] = loader.from_pretrained(path, torch_dtype=dtype, variant=variant, **options)
         return super().from_pretrained(pretrained_model_name_or_path, torch_dtype, variant, **overrides)
 
     # ---- condition images ---------------------------------------------------------------------------------------

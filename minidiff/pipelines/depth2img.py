@@ -71,7 +71,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
             overrides["depth_estimator"] = None
         return super().from_pretrained(pretrained_model_name_or_path, torch_dtype, variant, **overrides)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **options: Any) -> None:
         """The folder diffusers writes; a depth_estimator without ``save_pretrained`` (a plain callable) is not
         saved (its entry is null)."""
         estimator = self.depth_estimator
@@ -79,7 +79,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
             warnings.warn("depth_estimator is a plain callable and is not saved", stacklevel=2)
             self.depth_estimator = None
         try:
-            super().save_pretrained(save_directory)
+            super().save_pretrained(save_directory, **options)
         finally:
             self.depth_estimator = estimator
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from minidiff.configuration import Config, ConfigMixin
+from minidiff.configuration import Config, ConfigMixin, config_attribute
 from minidiff.outputs import BaseOutput
-from minidiff.schedulers.betas import check_common_options, make_betas
+from minidiff.schedulers.betas import check_common_options, count_from_trained_betas, make_betas
 
 
 @dataclass
@@ -62,11 +62,8 @@ class SchedulerMixin(ConfigMixin):
     _run_thread: int | None = None  # the thread whose set_timesteps started the current run
 
     def __getattr__(self, name: str) -> Any:
-        # `scheduler.num_train_timesteps` reads the config value, as diffusers allows and tutorials do.
-        config = self.__dict__.get("config")
-        if config is not None and name in config.field_names():
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        # `scheduler.num_train_timesteps` reads the config value with a FutureWarning, as in diffusers
+        return config_attribute(self, name)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -94,6 +91,9 @@ class SchedulerMixin(ConfigMixin):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.save_config(folder)
+
+    def register_config(self, kwargs: dict[str, Any]) -> Config:
+        return super().register_config(count_from_trained_betas(kwargs, type(self).__name__))
 
     # ---- the noise schedule -------------------------------------------------------------------------------------
     def _init_alpha_bar_schedule(self, kwargs: dict[str, Any]) -> Config:

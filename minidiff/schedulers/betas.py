@@ -9,6 +9,7 @@ Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -20,11 +21,14 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """The cosine schedule (Nichol & Dhariwal 2021, Eq. 17): ``beta_t = min(1 - abar(t+1)/abar(t), max_beta)``
-    with ``abar(t) = cos((t/T + 0.008) / 1.008 * pi/2)^2``, computed in Python floats."""
+def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999, transform: str = "cosine") -> torch.Tensor:
+    """Betas of a continuous alpha_bar: ``beta_t = min(1 - abar((t+1)/T) / abar(t/T), max_beta)``, computed in Python
+    floats. ``cosine`` is Nichol & Dhariwal 2021, Eq. 17: ``abar(t) = cos((t + 0.008) / 1.008 * pi/2)^2``;
+    ``exp`` is diffusers' exponential schedule ``abar(t) = exp(-12 t)`` (Heun's ``beta_schedule="exp"``)."""
 
     def alpha_bar(t: float) -> float:
+        if transform == "exp":
+            return math.exp(-12.0 * t)
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [
@@ -45,18 +49,34 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def count_from_trained_betas(kwargs: dict, owner: str) -> dict:
+    """Constructor options with ``num_train_timesteps`` taken from the length of ``trained_betas`` when given (as
+    diffusers, whose betas are the trained ones whatever the count says); a different count given beside them is
+    replaced, with a warning naming both."""
+    betas = kwargs.get("trained_betas")
+    if betas is None or np.ndim(betas) != 1:
+        return kwargs  # no trained betas, or not a list: the config's type check names the problem
+    count = len(betas)
+    given = kwargs.get("num_train_timesteps")
+    if given is not None and given != count:
+        warnings.warn(f"{owner}: num_train_timesteps={given} replaced by {count}, the length of trained_betas",
+                      UserWarning, stacklevel=4)
+    return {**kwargs, "num_train_timesteps": count}
+
+
 def make_betas(config) -> torch.Tensor:
-    """Betas from a scheduler config: ``trained_betas`` if given, else ``beta_schedule`` over
-    ``num_train_timesteps`` steps, optionally rescaled to zero terminal SNR."""
+    """Betas from a scheduler config: ``trained_betas`` if given (their length is ``num_train_timesteps``: see
+    count_from_trained_betas), else ``beta_schedule`` over ``num_train_timesteps`` steps, optionally rescaled to
+    zero terminal SNR."""
     T = config.num_train_timesteps
     if config.trained_betas is not None:
-        betas = torch.tensor(np.asarray(config.trained_betas), dtype=torch.float32)
-        if betas.ndim != 1 or len(betas) != T:
-            raise ValueError(f"trained_betas has shape {tuple(betas.shape)}; expected ({T},) for num_train_timesteps={T}")
+        betas = torch.tensor(np.asarray(config.trained_betas), dtype=torch.float32)  # (T,): the config checked it
     elif config.beta_schedule == "linear":
         betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     elif config.beta_schedule == "scaled_linear":  # the Stable Diffusion schedule: linear in sqrt(beta)
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "exp":
+        betas = betas_for_alpha_bar(T, transform="exp")
     else:
         betas = betas_for_alpha_bar(T)
     source = "trained_betas" if config.trained_betas is not None else f"beta_schedule={config.beta_schedule!r}"
@@ -96,7 +116,7 @@ def check_range(option: str, value: float, low: float, high: float, low_closed: 
 # option -> (low, high, low_closed, high_closed)
 OPTION_RANGES = {
     "clip_sample_range": (0, math.inf, False, False),
-    "dynamic_thresholding_ratio": (0, 1, False, True),
+    "dynamic_thresholding_ratio": (0, 1, True, True),  # 0: s is the smallest |x0| (at least 1)
     "sample_max_value": (0, math.inf, False, False),
     "sigma_min": (0, math.inf, False, False),
     "sigma_max": (0, math.inf, False, False),
@@ -112,7 +132,7 @@ def check_common_options(config) -> None:
         raise ValueError(f"num_train_timesteps={T} must be at least 1")
     if config.trained_betas is None:
         check_choice("beta_schedule", config.beta_schedule, getattr(config, "beta_schedules", BETA_SCHEDULES))
-        if config.beta_schedule != "squaredcos_cap_v2":  # the cosine schedule ignores beta_start and beta_end
+        if config.beta_schedule in ("linear", "scaled_linear"):  # the others ignore beta_start and beta_end
             check_range("beta_start", config.beta_start, 0, 1)
             check_range("beta_end", config.beta_end, 0, 1)
             if config.beta_start > config.beta_end:

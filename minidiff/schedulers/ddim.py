@@ -82,6 +82,11 @@ class DDIMScheduler(SchedulerMixin):
         )
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """sigma_t^2 at eta = 1 for the step timestep -> prev_timestep (diffusers' name; see ``ddim_variance``)."""
+        alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return ddim_variance(self.alphas_cumprod[timestep], alpha_bar_prev)
+
     def step(
         self,
         model_output: torch.Tensor,

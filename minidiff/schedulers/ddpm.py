@@ -41,7 +41,7 @@ class DDPMSchedulerConfig(Config):
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     trained_betas: list[float] | None = None
-    variance_type: str = "fixed_small"
+    variance_type: str | None = "fixed_small"  # None (a DPM-Solver config's value) acts as fixed_small, as in diffusers
     clip_sample: bool = True
     prediction_type: str = "epsilon"
     thresholding: bool = False
@@ -97,7 +97,7 @@ class DDPMScheduler(SchedulerMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         config = self._init_alpha_bar_schedule(kwargs)
-        check_choice("variance_type", config.variance_type, VARIANCE_TYPES)
+        check_choice("variance_type", config.variance_type, (*VARIANCE_TYPES, None))
         self.custom_timesteps = False
         self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1)  # all T steps: training mode
 
@@ -127,15 +127,26 @@ class DDPMScheduler(SchedulerMixin):
         self.num_inference_steps = len(chosen)
         self.timesteps = torch.from_numpy(chosen).to(device)
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """Where a step from ``timestep`` lands: t - 1 in training mode, else the next entry of ``timesteps``
-        (-1 after the last one, meaning x0)."""
+    def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
+        """Where a step from ``timestep`` lands, as a 0-d tensor (as in diffusers): t - 1 in training mode, else the
+        next entry of ``timesteps`` (-1 after the last one, meaning x0)."""
         t = as_int_timestep(timestep)
         if self.num_inference_steps is None:
-            return t - 1
+            return torch.tensor(t - 1)
         check_in_schedule(t, self.timesteps)
         index = int((self.timesteps == t).nonzero()[0])
-        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+        return torch.tensor(int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1)
+
+    def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None,
+                      variance_type: str | None = None) -> torch.Tensor:
+        """The variance of the noise that ``step`` adds at ``t`` (diffusers' name): ``posterior_std`` squared, for
+        ``variance_type`` (default: the config's). diffusers' method returns its step's intermediate instead for
+        the log types (a std or a log variance); the fixed and learned variances agree."""
+        variance_type = (variance_type or self.config.variance_type) or "fixed_small"
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        prev_t = int(self.previous_timestep(t))
+        alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+        return posterior_std(self.alphas_cumprod[t], alpha_bar_prev, variance_type, predicted_variance) ** 2
 
     def _split_predicted_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
         """With a learned variance the model outputs 2C channels: the mean part (eps, x0 or v) then the variance."""
@@ -167,7 +178,7 @@ class DDPMScheduler(SchedulerMixin):
         self._check_run_owner()
         t = check_timestep(timestep, config.num_train_timesteps)
         model_output, predicted_variance = self._split_predicted_variance(model_output, sample)
-        prev_t = self.previous_timestep(t)
+        prev_t = int(self.previous_timestep(t))
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
 
@@ -176,7 +187,7 @@ class DDPMScheduler(SchedulerMixin):
         prev_sample = posterior_mean(x0, sample, alpha_bar_t, alpha_bar_prev)
         if t > 0:
             noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-            std = posterior_std(alpha_bar_t, alpha_bar_prev, config.variance_type, predicted_variance)
+            std = posterior_std(alpha_bar_t, alpha_bar_prev, config.variance_type or "fixed_small", predicted_variance)
             prev_sample = prev_sample + std * noise
         if not return_dict:
             return prev_sample, x0

@@ -6,19 +6,20 @@ Euler step, as in Karras' algorithm (line 6) and diffusers, whose schedule ends 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from minidiff.configuration import Config
 from minidiff.schedulers.base import SchedulerOutput
-from minidiff.schedulers.betas import check_common_options
+from minidiff.schedulers.betas import BETA_SCHEDULES, check_common_options
 from minidiff.schedulers.sigmas import check_sigma_spacing, sigma_predicted_x0, with_final_sigma
 from minidiff.schedulers.two_stage import TwoStageSchedulerMixin, doubled, doubled_sigmas
 
 
 @dataclass
 class HeunDiscreteSchedulerConfig(Config):
+    beta_schedules: ClassVar[tuple[str, ...]] = (*BETA_SCHEDULES, "exp")
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
