@@ -86,3 +86,13 @@ def test_checkpointed_gradients_match_the_reference(name, tmp_path):
     my_loss, my_grads = loss_and_gradients(ours, inputs, outputs)
     compare(COMPONENT, f"{name}: loss", my_loss, their_loss, LOSS_TOL)
     compare_gradients(COMPONENT, name, my_grads, their_grads, GRAD_TOL)
+
+
+@pytest.mark.parametrize("name, config", [("UNet2DConditionModel", UNET_COND), ("UNet2DModel", UNET_PLAIN)])
+def test_the_same_modules_checkpoint(name, config):
+    """``enable_gradient_checkpointing`` sets the flag on the same module classes as diffusers' (its own test)."""
+    def flagged(model) -> set[str]:
+        model.enable_gradient_checkpointing()
+        return {type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)}
+
+    assert flagged(getattr(minidiff, name)(**config)) == flagged(getattr(diffusers, name)(**config))

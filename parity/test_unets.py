@@ -232,6 +232,25 @@ def test_timestep_forms(tmp_path, timestep):
         compare_models(kind, f"timestep given as {timestep}", reference, ours, args, gradients=False)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bool, torch.long])
+def test_encoder_attention_mask(tmp_path, mask_dtype):
+    """A (B, tokens) keep/hide mask on the text tokens, every cross-attention, with gradients; hiding the last
+    token equals dropping it (diffusers' own check)."""
+    config = CONDITION_CASES["diffusers test config"]
+    reference, ours = reference_and_minidiff("UNet2DConditionModel", config, tmp_path)
+    args = inputs("UNet2DConditionModel", config)
+    batch, tokens, _ = args["encoder_hidden_states"].shape
+    mask = torch.ones(batch, tokens)
+    mask[0, -2:], mask[1, 1] = 0, 0
+    compare_models("UNet2DConditionModel", "encoder_attention_mask", reference, ours,
+                   dict(args, encoder_attention_mask=mask.to(mask_dtype)))
+    keep_all_but_last = (torch.arange(tokens) < tokens - 1).expand(batch, -1).to(mask_dtype)
+    with torch.no_grad():
+        masked = ours(**args, encoder_attention_mask=keep_all_but_last).sample
+        truncated = ours(**dict(args, encoder_hidden_states=args["encoder_hidden_states"][:, :-1])).sample
+    compare("UNet2DConditionModel", "a hidden last token equals a dropped one", masked, truncated, 1e-5)
+
+
 @pytest.mark.parametrize("kind, case", [("UNet2DConditionModel", "SD2-like (linear proj, heads per level, upcast)"),
                                         ("UNet2DConditionModel", "class embeds (timestep, concatenated)"),
                                         ("UNet2DModel", "fourier time embedding (score model)"),

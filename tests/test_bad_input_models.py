@@ -220,6 +220,10 @@ FORWARD_ERRORS = [
     ("cond", lambda m: m(SAMPLE, torch.tensor([float("nan")]), TEXT), r"timestep must be finite, got \[nan\]"),
     ("cond", lambda m: m(SAMPLE, torch.tensor([[1.0]]), TEXT), r"timestep must be .* got shape \(1, 1\)"),
     ("cond", lambda m: m(torch.randn(1, 4, 0, 8), 1, TEXT), r"sample of 0x8 is too small: level 0 would be 0x8"),
+    ("cond", lambda m: m(SAMPLE, 1, TEXT, encoder_attention_mask=torch.ones(1, 4)),
+     r"encoder_attention_mask must be a tensor of shape \(batch, tokens\) = \(1, 3\) .* got \(1, 4\)"),
+    ("cond", lambda m: m(SAMPLE, 1, TEXT, encoder_attention_mask=[[1, 1, 1]]),
+     r"encoder_attention_mask must be a tensor .* got list"),
     ("narrow", lambda m: m(torch.randn(1, 4, 2, 2), 1, TEXT), r"sample of 2x2 is too small: level 1 would be 1x1, too "
                                                               r"small to downsample or normalise; use a sample of at "
                                                               r"least 4x4"),

@@ -28,7 +28,10 @@ TEXT = dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_la
 PLAIN_UNET = dict(block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, layers_per_block=1,
                   sample_size=16)
-UNET_LAYERS = r"(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+|mid_block\.(resnets|attentions)\.\d+"
+# the layers checkpoint recomputes: resnets, pixel attentions (UNet2DModel) and, inside a Transformer2DModel (the
+# cross-attention UNet's attentions), each transformer block, as in diffusers
+_BLOCK = r"(resnets|attentions)\.\d+(\.transformer_blocks\.\d+)?"
+UNET_LAYERS = rf"(down_blocks|up_blocks)\.\d+\.{_BLOCK}|mid_block\.{_BLOCK}"
 TEXT_LAYERS = r"(text_model\.)?encoder\.layers\.\d+"
 UNET_LORA = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_LORA = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -88,10 +91,12 @@ def add_lora(model: minidiff.ModelMixin, case: Case) -> dict[str, torch.nn.Param
 
 class LayerCalls:
     """Counts the ``forward`` calls of every module whose path matches ``pattern`` (by wrapping ``forward``: torch
-    does not run forward hooks when checkpoint recomputes a module)."""
+    does not run forward hooks when checkpoint recomputes a module), except modules that checkpoint their own layers
+    (a Transformer2DModel: its transformer blocks are counted instead)."""
 
     def __init__(self, model: torch.nn.Module, pattern: str):
-        self.counts = {name: 0 for name, _ in model.named_modules() if re.fullmatch(pattern, name)}
+        self.counts = {name: 0 for name, module in model.named_modules()
+                       if re.fullmatch(pattern, name) and not hasattr(module, "gradient_checkpointing")}
         assert self.counts, f"no module of {type(model).__name__} matches {pattern}"
         for name in self.counts:
             module = model.get_submodule(name)

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from minidiff import ops
+from minidiff.models.modeling import checkpointed
 
 
 class Attention(nn.Module):
@@ -77,7 +78,10 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(self.cross_attention_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask``: an additive bias on the scores that broadcasts to (B, heads, N, M), e.g. (B, 1, 1, M)
+        with -10000 on the key tokens to ignore (the UNet's ``encoder_attention_mask``)."""
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         if image_shape is not None:
@@ -92,7 +96,7 @@ class Attention(nn.Module):
         q = rearrange(self.to_q(hidden_states), "b n (h d) -> b h n d", h=self.heads)  # (B, N, h*d) -> (B, h, N, d)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # (B, M, h*d) -> (B, h, M, d)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
-        out = ops.attention(q, k, v, scale=self.scale, upcast=self.upcast, backend=self.backend,
+        out = ops.attention(q, k, v, scale=self.scale, upcast=self.upcast, mask=attention_mask, backend=self.backend,
                             chunk_size=self.chunk_size)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, h, N, d) -> (B, N, h*d)
         out = self.to_out[1](self.to_out[0](out))  # (B, N, h*d) -> (B, N, C)
@@ -163,11 +167,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         context1 = encoder_hidden_states if self.only_cross_attention else None
         hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), context1)  # (B, N, C)
-        if self.attn2 is not None:
-            hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
+        if self.attn2 is not None:  # the text-token mask applies to the cross-attention, as in diffusers
+            hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states,
+                                                       encoder_attention_mask)
         return hidden_states + self.ff(self.norm3(hidden_states))
 
 
@@ -177,7 +183,10 @@ class Transformer2DModel(nn.Module):
     ``(B, C, H, W) -> GroupNorm(eps 1e-6) -> proj_in -> (B, H*W, inner) -> blocks -> proj_out -> (B, C, H, W) + input``
     with ``inner = num_attention_heads * attention_head_dim``. ``use_linear_projection`` (SD 2.x) projects with a
     Linear after flattening instead of a 1x1 conv before it (same maths, different weight shapes).
+    With gradient checkpointing on, each transformer block is recomputed in the backward pass (as in diffusers).
     """
+
+    gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
 
     def __init__(
         self,
@@ -212,7 +221,8 @@ class Transformer2DModel(nn.Module):
         )
         self.proj_out = projection(inner_dim, in_channels)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         residual = hidden_states
         _, _, height, width = hidden_states.shape
         hidden_states = self.norm(hidden_states)
@@ -221,7 +231,7 @@ class Transformer2DModel(nn.Module):
         else:
             hidden_states = rearrange(self.proj_in(hidden_states), "b c h w -> b (h w) c")  # (B, H*W, inner)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states)
+            hidden_states = checkpointed(self, block, hidden_states, encoder_hidden_states, encoder_attention_mask)
         if self.use_linear_projection:
             hidden_states = rearrange(self.proj_out(hidden_states), "b (h w) c -> b c h w", h=height, w=width)
         else:

@@ -149,6 +149,20 @@ def lora_scale_of(cross_attention_kwargs: dict | None, owner: str = "UNet2DCondi
     return cross_attention_kwargs.get("scale")
 
 
+def text_token_bias(encoder_attention_mask: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep (1) / hide (0) mask over the text tokens ``(B, tokens)`` as the additive score bias
+    ``(1 - mask) * -10000`` of shape (B, 1, 1, tokens), broadcast over heads and queries (diffusers' numbers)."""
+    if encoder_attention_mask is None:
+        return None
+    tokens = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape[:2])
+    if not torch.is_tensor(encoder_attention_mask) or tuple(encoder_attention_mask.shape) != tokens:
+        shape = tuple(encoder_attention_mask.shape) if torch.is_tensor(encoder_attention_mask) else None
+        raise ValueError(f"encoder_attention_mask must be a tensor of shape (batch, tokens) = {tokens} (1 keeps a "
+                         f"token, 0 hides it), got {shape or type(encoder_attention_mask).__name__}")
+    return ((1 - encoder_attention_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, M)
+
+
 def _is_pixel_attention(block_type: str) -> bool:
     return block_type.removeprefix("UNetRes") in ("AttnDownBlock2D", "AttnUpBlock2D")
 
@@ -482,11 +496,12 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
 
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None,
               down_residuals: tuple[torch.Tensor, ...] | None = None,
-              mid_residual: torch.Tensor | None = None) -> torch.Tensor:
-        """UNetBase._unet with the ControlNet residuals passed to the U."""
+              mid_residual: torch.Tensor | None = None,
+              encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """UNetBase._unet with the ControlNet residuals (and the text-token mask) passed to the U."""
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
         sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states,
-                                 down_residuals, mid_residual)
+                                 down_residuals, mid_residual, encoder_attention_mask)
         sample = activate_temporary(self.conv_act, self.conv_norm_out(sample))
         sample = self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
         return sample.contiguous()  # NHWC inside, NCHW out
@@ -504,6 +519,7 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         added_cond_kwargs: dict | None = None,
         down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> UNet2DConditionOutput | tuple:
         """``sample (B, in_channels, H, W)``, ``timestep`` (number or tensor, broadcast over the batch),
         ``encoder_hidden_states (B, tokens, cross_attention_dim)`` (the text encoder's last hidden states).
@@ -512,7 +528,9 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         ``text_time`` UNet (P + n * addition_time_embed_dim = projection_class_embeddings_input_dim) and refused by
         others. ``timestep_cond`` is accepted so that diffusers' pipeline code calls this UNet unchanged; it must be
         None (no LCM inputs). ``down_block_additional_residuals`` / ``mid_block_additional_residual``: a
-        ControlNetModel's outputs, added to the skip tensors and to the mid block's output."""
+        ControlNetModel's outputs, added to the skip tensors and to the mid block's output.
+        ``encoder_attention_mask (B, tokens)``: 1 keeps a text token, 0 hides it from every cross-attention (a bias of
+        -10000 on its scores, as diffusers)."""
         lora_scale = lora_scale_of(cross_attention_kwargs)
         self._check_conditioning(sample, encoder_hidden_states, added_cond_kwargs, timestep_cond)
         self._check_residuals(sample, down_block_additional_residuals, mid_block_additional_residual)
@@ -522,5 +540,6 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         with scaled_lora(self, lora_scale):  # every adapted layer, the time/class embeddings too (as diffusers)
             emb = self._embed(sample, timestep, class_labels, added_cond_kwargs)  # (B, time_embed_dim)
             output = self._unet(sample, emb, encoder_hidden_states, down_block_additional_residuals,
-                                mid_block_additional_residual)
+                                mid_block_additional_residual,
+                                text_token_bias(encoder_attention_mask, encoder_hidden_states, sample.dtype))
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)

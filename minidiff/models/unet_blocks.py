@@ -123,12 +123,15 @@ class _ResnetStack(nn.Module):
     def _build_attentions(self, make_attention: AttentionFactory | None, num_layers: int) -> None:
         self.attentions = nn.ModuleList(make_attention(i) for i in range(num_layers)) if make_attention else None
 
-    def _attend(self, layer: int, hidden_states: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.attentions is None:
             return hidden_states
-        context = (encoder_hidden_states,) if self.has_cross_attention else ()
-        return checkpointed(self, self.attentions[layer], hidden_states, *context)
+        context = (encoder_hidden_states, encoder_attention_mask) if self.has_cross_attention else ()
+        attention = self.attentions[layer]
+        if isinstance(attention, Transformer2DModel):  # it checkpoints each of its transformer blocks, as diffusers'
+            return attention(hidden_states, *context)
+        return checkpointed(self, attention, hidden_states, *context)
 
 
 def _resample(sampler: nn.Module, hidden_states, temb, output_size=None) -> torch.Tensor:
@@ -166,10 +169,12 @@ class DownBlock2D(_ResnetStack):
             self.downsamplers = None
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         skips = []
         for i in range(len(self.resnets)):
-            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states)
+            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states,
+                                         encoder_attention_mask)
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = _resample(self.downsamplers[0], hidden_states, temb)  # (B, C, H, W) -> (B, C, H/2, W/2)
@@ -243,11 +248,13 @@ class UpBlock2D(_ResnetStack):
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+                upsample_size: tuple[int, int] | None = None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         for i in range(len(self.resnets)):
             skip = res_hidden_states_tuple[-1 - i]  # the skip tensors are consumed last-in, first-out
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states)
+            hidden_states = self._attend(i, self._resnet(i, hidden_states, temb), encoder_hidden_states,
+                                         encoder_attention_mask)
         if self.upsamplers is not None:
             hidden_states = _resample(self.upsamplers[0], hidden_states, temb, upsample_size)  # -> (B, C, 2H, 2W)
         return hidden_states
@@ -306,10 +313,12 @@ class UNetMidBlock2D(_ResnetStack):
         self._build_attentions(make_attention, num_layers)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self._resnet(0, hidden_states, temb)
         for i in range(1, len(self.resnets)):
-            hidden_states = self._resnet(i, self._attend(i - 1, hidden_states, encoder_hidden_states), temb)
+            attended = self._attend(i - 1, hidden_states, encoder_hidden_states, encoder_attention_mask)
+            hidden_states = self._resnet(i, attended, temb)
         return hidden_states
 
 
@@ -422,28 +431,30 @@ def get_up_block(
 
 
 def run_encoder_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, sample: torch.Tensor,
-                       temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                       temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                       encoder_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The down half of the U, shared by the UNets and the ControlNet: each down block leaves its skip tensors on
     a stack (the input first), then the mid block runs at the lowest resolution. Returns (mid output, skips)."""
     skips = [sample]
     for block in down_blocks:
-        sample, block_skips = block(sample, temb, encoder_hidden_states)
+        sample, block_skips = block(sample, temb, encoder_hidden_states, encoder_attention_mask)
         skips.extend(block_skips)
     if mid_block is not None:
-        sample = mid_block(sample, temb, encoder_hidden_states)
+        sample = mid_block(sample, temb, encoder_hidden_states, encoder_attention_mask)
     return sample, skips
 
 
 def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_blocks: nn.ModuleList,
                     sample: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                     down_residuals: tuple[torch.Tensor, ...] | None = None,
-                    mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+                    mid_residual: torch.Tensor | None = None,
+                    encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The U: the encoder half (``run_encoder_blocks``), then each up block takes back as many skips as it has
     resnets. Upsamplers resize to the size of the next skip tensor, so inputs whose size is not a multiple of
     2^levels work (diffusers' ``upsample_size``). ControlNet (Zhang et al. 2023, Eq. 4 / Fig. 3): the residuals
     ``down_residuals`` (one per skip) are added to the skips and ``mid_residual`` to the mid block's output."""
-    sample, skips = run_encoder_blocks(down_blocks, mid_block, sample, temb, encoder_hidden_states)
+    sample, skips = run_encoder_blocks(down_blocks, mid_block, sample, temb, encoder_hidden_states,
+                                       encoder_attention_mask)
     if down_residuals is not None:
         skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (B, C_k, h_k, w_k) each
     if mid_residual is not None:
@@ -452,5 +463,5 @@ def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_
         count = len(block.resnets)
         block_skips, skips = tuple(skips[-count:]), skips[:-count]
         upsample_size = tuple(skips[-1].shape[2:]) if skips else None
-        sample = block(sample, block_skips, temb, encoder_hidden_states, upsample_size)
+        sample = block(sample, block_skips, temb, encoder_hidden_states, upsample_size, encoder_attention_mask)
     return sample
