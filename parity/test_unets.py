@@ -367,3 +367,15 @@ def test_unet_2d_hypothesis(tmp_path_factory, config, seed):
     reference, ours = reference_and_minidiff("UNet2DModel", config, folder, seed)
     compare_models("UNet2DModel", "hypothesis configs", reference, ours,
                    inputs("UNet2DModel", config, size=(8, 12), seed=seed))
+
+
+@pytest.mark.parametrize("slice_size", ["auto", "max", 2, [1, 2, 4, 3, 2, 1, 8, 5]])
+def test_head_slicing_matches_diffusers(tmp_path, slice_size):
+    """diffusers' ``set_attention_slice``: batch x heads score matrices a slice at a time, with a text-token mask."""
+    config = dict(CONDITION_CASES["diffusers test config"], block_out_channels=[16, 32], attention_head_dim=[4, 8])
+    reference, ours = reference_and_minidiff("UNet2DConditionModel", config, tmp_path)
+    ours.set_attention_slice(slice_size)
+    reference.set_attention_slice(slice_size)
+    args = inputs("UNet2DConditionModel", config)
+    args["encoder_attention_mask"] = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    compare_models("UNet2DConditionModel", f"set_attention_slice({slice_size!r})", reference, ours, args)

@@ -269,3 +269,12 @@ def test_valid_edge_inputs_still_run(models):
         assert torch.isfinite(models["fourier"](SAMPLE[:, :3], torch.tensor([0.5])).sample).all()
         assert torch.isfinite(models["learned"](SAMPLE[:, :3], 9).sample).all()
         assert models["clip"](IDS, position_ids=torch.tensor([[0, 1, 2]])).last_hidden_state.shape == (1, 3, 8)
+
+
+def test_bad_attention_slice_names_the_limit(models):
+    unet = models["cond"]
+    with pytest.raises(ValueError, match=r"slice_size has 1 entries but UNet2DConditionModel has \d+ attention layers"):
+        unet.set_attention_slice([1])
+    with pytest.raises(ValueError, match=r"slice_size=99 must be an int in \[1, \d+\] \(this attention's heads\)"):
+        unet.set_attention_slice(99)
+    unet.set_attention_slice(None)  # off again

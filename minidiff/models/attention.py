@@ -40,6 +40,8 @@ class Attention(nn.Module):
 
     ``backend`` (None: the global default) and ``chunk_size`` (rows per slice for the ``chunked`` backend) are the
     per-module kernel choice; ``set_attention_backend`` / ``enable_attention_slicing`` on a model set them.
+    ``slice_size`` (diffusers' ``set_attention_slice``): attend ``slice_size`` of the batch x heads score matrices
+    at a time, as diffusers' SlicedAttnProcessor; ``sliceable_head_dim`` (= heads) bounds it.
     """
 
     def __init__(
@@ -71,6 +73,8 @@ class Attention(nn.Module):
         self.rescale_output_factor = rescale_output_factor
         self.backend: str | None = None
         self.chunk_size: int | None = None
+        self.sliceable_head_dim = heads
+        self.slice_size: int | None = None
 
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups is not None else None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
@@ -96,8 +100,7 @@ class Attention(nn.Module):
         q = rearrange(self.to_q(hidden_states), "b n (h d) -> b h n d", h=self.heads)  # (B, N, h*d) -> (B, h, N, d)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # (B, M, h*d) -> (B, h, M, d)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
-        out = ops.attention(q, k, v, scale=self.scale, upcast=self.upcast, mask=attention_mask, backend=self.backend,
-                            chunk_size=self.chunk_size)
+        out = self._attention(q, k, v, attention_mask)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, h, N, d) -> (B, N, h*d)
         out = self.to_out[1](self.to_out[0](out))  # (B, N, h*d) -> (B, N, C)
 
@@ -106,6 +109,26 @@ class Attention(nn.Module):
         if self.residual_connection:
             out = out + residual
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The kernel call on (B, h, N, d) queries; with ``slice_size``, over slices of the B*h matrices."""
+        options = dict(scale=self.scale, upcast=self.upcast, backend=self.backend, chunk_size=self.chunk_size)
+        if self.slice_size is None:
+            return ops.attention(q, k, v, mask=mask, **options)
+        batch, heads = q.shape[:2]
+        flat = [t.flatten(0, 1) for t in (q, k, v)]  # (B*h, N or M, d)
+        if mask is not None:
+            mask = mask.expand(batch, heads, *mask.shape[2:]).flatten(0, 1)  # (B*h, 1 or N, M)
+        out = torch.cat([ops.attention(*(t[i:i + self.slice_size] for t in flat), **options,
+                                       mask=None if mask is None else mask[i:i + self.slice_size])
+                         for i in range(0, batch * heads, self.slice_size)])  # (B*h, N, d)
+        return out.unflatten(0, (batch, heads))  # (B, h, N, d)
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        if slice_size is not None and (not isinstance(slice_size, int) or not 1 <= slice_size <= self.heads):
+            raise ValueError(f"slice_size={slice_size!r} must be an int in [1, {self.heads}] (this attention's "
+                             "heads) or None")
+        self.slice_size = slice_size
 
 
 class GEGLU(nn.Module):
@@ -268,3 +291,22 @@ class AttentionBackendMixin:
         """Back to the global default backend and no per-model slice size."""
         for module in self.attention_modules():
             module.backend, module.chunk_size = None, None
+
+    def set_attention_slice(self, slice_size: int | str | list[int | None] | None) -> None:
+        """diffusers' head slicing: each attention attends ``slice_size`` of its batch x heads score matrices at a
+        time (``"auto"``: half its heads, at least 1; ``"max"``: one; an int for all; a list with one entry per
+        attention layer; None: off). ``enable_attention_slicing`` bounds memory by query rows instead."""
+        modules = self.attention_modules()
+        if slice_size == "auto":
+            sizes = [max(1, m.sliceable_head_dim // 2) for m in modules]
+        elif slice_size == "max":
+            sizes = [1] * len(modules)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(modules):
+                raise ValueError(f"slice_size has {len(slice_size)} entries but {type(self).__name__} has "
+                                 f"{len(modules)} attention layers; give one per layer, or one int for all")
+            sizes = slice_size
+        else:
+            sizes = [slice_size] * len(modules)
+        for module, size in zip(modules, sizes):
+            module.set_attention_slice(size)

@@ -89,6 +89,16 @@ class DiffusionPipeline:
             module.to(*args, **kwargs)
         return self
 
+    # ---- memory -----------------------------------------------------------------------------------------------
+    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
+        """Compute the UNet's attention in query chunks (the ``chunked`` backend) so memory stays bounded:
+        ``slice_size`` query rows per chunk, or sized to a score budget for ``"auto"``/``"max"``/None."""
+        chunk = None if slice_size in ("auto", "max", None) else int(slice_size)
+        self.unet.enable_attention_slicing(chunk)
+
+    def disable_attention_slicing(self) -> None:
+        self.unet.disable_attention_slicing()
+
     # ---- progress bars ----------------------------------------------------------------------------------------
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for tqdm, e.g. ``disable=True`` to silence the bars."""

@@ -314,14 +314,6 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
             raise ValueError(f"output_type={output_type!r} is not supported; accepted values: {list(OUTPUT_TYPES)}")
 
     # ---- memory ----------------------------------------------------------------------------------------------
-    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
-        """Compute attention in query chunks (the ``chunked`` backend) so memory stays bounded."""
-        chunk = None if slice_size in ("auto", "max", None) else int(slice_size)
-        self.unet.enable_attention_slicing(chunk)
-
-    def disable_attention_slicing(self) -> None:
-        self.unet.disable_attention_slicing()
-
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()
 
