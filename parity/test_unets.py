@@ -123,6 +123,12 @@ PLAIN_CASES = {
         time_embedding_dim=24, flip_sin_to_cos=False, freq_shift=1),
     "no mid block, downsample_padding=0": plain(("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"),
                                                 mid_block_type=None, downsample_padding=0),
+    # NCSN++ (diffusers' NCSNppModelTests, smaller): skip blocks, FIR resampling, norm_num_groups=None, Fourier time
+    "NCSN++ skip blocks (FIR, own groups)": dict(
+        block_out_channels=(32, 64, 32), in_channels=3, out_channels=3, layers_per_block=1,
+        time_embedding_type="fourier", norm_eps=1e-6, mid_block_scale_factor=2**0.5, norm_num_groups=None,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"), sample_size=16),
 }
 
 
@@ -254,6 +260,7 @@ def test_encoder_attention_mask(tmp_path, mask_dtype):
 @pytest.mark.parametrize("kind, case", [("UNet2DConditionModel", "SD2-like (linear proj, heads per level, upcast)"),
                                         ("UNet2DConditionModel", "class embeds (timestep, concatenated)"),
                                         ("UNet2DModel", "fourier time embedding (score model)"),
+                                        ("UNet2DModel", "NCSN++ skip blocks (FIR, own groups)"),
                                         ("UNet2DModel", "downsample_type/upsample_type=resnet")])
 def test_minidiff_saved_folder_loads_in_diffusers(tmp_path, kind, case):
     config = (CONDITION_CASES if kind == "UNet2DConditionModel" else PLAIN_CASES)[case]

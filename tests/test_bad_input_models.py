@@ -23,7 +23,19 @@ CLIP = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_laye
             max_position_embeddings=12, bos_token_id=98, eos_token_id=99, pad_token_id=0)
 BASE = {UNet2DConditionModel: COND, UNet2DModel: PLAIN, AutoencoderKL: VAE, CLIPTextModel: CLIP}
 
+SKIP = dict(down_block_types=["SkipDownBlock2D", "SkipDownBlock2D"], up_block_types=["SkipUpBlock2D", "SkipUpBlock2D"],
+            norm_num_groups=None, in_channels=3)
 CONFIG_ERRORS = [
+    # NCSN++ skip blocks (UNet2DModel only)
+    (UNet2DModel, dict(SKIP, up_block_types=["UpBlock2D", "SkipUpBlock2D"]),
+     r"mix NCSN\+\+ skip blocks \['SkipDownBlock2D', 'SkipDownBlock2D', 'SkipUpBlock2D'\] with others"),
+    (UNet2DModel, dict(norm_num_groups=None), r"norm_num_groups=None is invalid: is only for NCSN\+\+ skip blocks"),
+    (UNet2DModel, dict(SKIP, in_channels=4), r"in_channels=4 is invalid: must be 3 with NCSN\+\+ skip blocks"),
+    (UNet2DModel, dict(SKIP, block_out_channels=[8, 18]), r"has 18, which NCSN\+\+'s min\(channels // 4, 32\) = 4"),
+    (UNet2DModel, dict(SKIP, down_block_types=["SkipDownBlock2D", "AttnSkipDownBlock2D"]),
+     r"has 16 at level 1, whose NCSN\+\+ attention normalises in 32 groups"),
+    (UNet2DConditionModel, dict(down_block_types=["SkipDownBlock2D", "DownBlock2D"]),
+     r"down_block_types: SkipDownBlock2D is an NCSN\+\+ block of UNet2DModel"),
     # UNet2DConditionModel (most checks are shared with UNet2DModel)
     (UNet2DConditionModel, dict(block_out_channels=[8, -16]), r"block_out_channels=\[8, -16\] is invalid: every entry "
                                                               r"must be an int >= 1"),
@@ -204,6 +216,7 @@ def models():
             "up_block_types": ["ResnetUpsampleBlock2D", "CrossAttnUpBlock2D"]}).eval(),
         vae=AutoencoderKL(**VAE).eval(),
         clip=CLIPTextModel(**CLIP).eval(),
+        ncsn=UNet2DModel(**{**PLAIN, **SKIP}).eval(),
     )
 
 
@@ -237,6 +250,9 @@ FORWARD_ERRORS = [
     ("classes", lambda m: m(SAMPLE[:, :3], 1, class_labels=torch.tensor([1, 1, 1])),
      r"class_labels of shape \(3,\) give a class embedding of shape \(3, 32\); expected \(1, 32\)"),
     ("classes", lambda m: m(SAMPLE[:, :3], 1, class_labels=[1]), r"class_labels must be a tensor, got list"),
+    ("ncsn", lambda m: m(torch.randn(1, 3, 7, 7), 1), r"sample of 7x7 does not fit the FIR upsampler of up block 0, "
+                                                     r"which doubles 3x3; use a height and width that are multiples "
+                                                     r"of 2"),
     ("fourier", lambda m: m(SAMPLE[:, :3], 0.5), r"time_embedding_type='fourier' takes the noise level sigma > 0 as "
                                                  r"timestep, got \[0\] \(python numbers are truncated to int"),
     ("fourier", lambda m: m(SAMPLE[:, :3], torch.tensor([-1.0])), r"sigma > 0 as timestep, got \[-1.0\]"),

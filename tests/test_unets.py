@@ -34,11 +34,11 @@ def cond_inputs(batch=2, size=16, seed=0):
 # ---- configuration errors -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model, config, match", [
-    (UNet2DConditionModel, dict(COND, down_block_types=["CrossAttnDownBlock2D", "SkipDownBlock2D"]),
-     r"down block type 'SkipDownBlock2D' is not supported; supported types: DownBlock2D, AttnDownBlock2D, "
+    (UNet2DConditionModel, dict(COND, down_block_types=["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]),
+     r"down block type 'SimpleCrossAttnDownBlock2D' is not supported; supported types: DownBlock2D, AttnDownBlock2D, "
      r"CrossAttnDownBlock2D, ResnetDownsampleBlock2D"),
-    (UNet2DModel, dict(PLAIN, up_block_types=["AttnSkipUpBlock2D", "UpBlock2D"]),
-     r"up block type 'AttnSkipUpBlock2D' is not supported; supported types: UpBlock2D"),
+    (UNet2DModel, dict(PLAIN, up_block_types=["KCrossAttnUpBlock2D", "UpBlock2D"]),
+     r"up block type 'KCrossAttnUpBlock2D' is not supported; supported types: UpBlock2D"),
     (UNet2DConditionModel, dict(COND, addition_embed_type="text_image"),
      r"addition_embed_type='text_image' is not supported .* accepted values: None, 'text_time'"),
     (UNet2DConditionModel, dict(COND, addition_embed_type="text_time"),

@@ -1,4 +1,4 @@
-"""The convolutional pieces of the UNets and the VAE: ResnetBlock2D, Downsample2D, Upsample2D.
+"""The convolutional pieces of the UNets and the VAE: ResnetBlock2D, Downsample2D, Upsample2D, FirResample2D.
 
 The residual block is the one of the DDPM UNet (Ho et al. 2020, Appendix B, after Wide ResNets): two
 GroupNorm -> SiLU -> 3x3 conv stages, the time embedding added in between, and a 1x1 conv on the skip path when the
@@ -96,6 +96,48 @@ class Upsample2D(nn.Module):
         return self.conv(hidden_states) if self.conv is not None else hidden_states
 
 
+FIR_KERNEL = (1, 3, 3, 1)  # NCSN++'s resampling filter (Song et al. 2021, after StyleGAN2's)
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+              pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Upsample by zero insertion, pad (negative pads crop), convolve each channel with ``kernel`` (a true
+    convolution: the kernel is flipped), keep every ``down``-th pixel (StyleGAN2's upfirdn2d, Karras et al. 2020).
+    (B, C, H, W) -> (B, C, (H*up + pad0 + pad1 - k) // down + 1, ...)."""
+    batch, channels, height, width = x.shape
+    if up > 1:
+        spread = x.new_zeros(batch, channels, height * up, width * up)
+        spread[:, :, ::up, ::up] = x  # each pixel followed by up - 1 zeros
+        x = spread
+    low, high = pad
+    x = F.pad(x, [max(low, 0), max(high, 0), max(low, 0), max(high, 0)])
+    x = x[:, :, max(-low, 0): x.shape[2] - max(-high, 0), max(-low, 0): x.shape[3] - max(-high, 0)]
+    weight = torch.flip(kernel, [0, 1]).to(x)[None, None].expand(channels, 1, *kernel.shape)  # (C, 1, k, k)
+    x = F.conv2d(x, weight, groups=channels)  # depthwise
+    return x[:, :, ::down, ::down]
+
+
+class FirResample2D(nn.Module):
+    """Double (``up``) or halve the spatial size with the separable FIR filter ``FIR_KERNEL``, normalised to keep
+    a constant image constant: NCSN++'s resampler (diffusers' parameter-free FirUpsample2D/FirDownsample2D and the
+    ``kernel="fir"`` resnet up/down). Exactly 2H x 2W up, floor(H/2) x floor(W/2) down."""
+
+    def __init__(self, up: bool, kernel: tuple[int, ...] = FIR_KERNEL):
+        super().__init__()
+        self.up = up
+        taps = torch.tensor(kernel, dtype=torch.float32)
+        self.register_buffer("kernel", torch.outer(taps, taps) / taps.sum() ** 2, persistent=False)  # (k, k)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return (2 * height, 2 * width) if self.up else (height // 2, width // 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        k = self.kernel.shape[0]
+        if self.up:  # the filter scaled by factor^2 = 4: zero insertion keeps one pixel in four
+            return upfirdn2d(hidden_states, self.kernel * 4, up=2, pad=((k - 1) // 2 + 1, (k - 2) // 2))
+        return upfirdn2d(hidden_states, self.kernel, down=2, pad=((k - 1) // 2, (k - 2) // 2))
+
+
 class ResnetBlock2D(nn.Module):
     """``x -> (skip(x) + conv2(drop(act(norm2(conv1(act(norm1(x))) + proj(act(temb))))))) / output_scale_factor``.
 
@@ -105,7 +147,8 @@ class ResnetBlock2D(nn.Module):
         ``h = norm2(h) * (1 + scale) + shift`` (Nichol & Dhariwal 2021, "adaptive group norm").
       - ``skip_time_act``: feed ``temb`` to ``time_emb_proj`` without the activation.
       - ``up`` / ``down``: resample both paths after the first activation (nearest x2 / 2x2 average pool), the
-        "resnet" up/down samplers of ``ResnetUpsampleBlock2D`` / ``ResnetDownsampleBlock2D``.
+        "resnet" up/down samplers of ``ResnetUpsampleBlock2D`` / ``ResnetDownsampleBlock2D``; ``kernel="fir"``
+        resamples with ``FirResample2D`` instead (NCSN++'s skip blocks).
       - ``use_in_shortcut``: force the 1x1 ``conv_shortcut`` (default: only when the channel count changes).
         diffusers' ``conv_shortcut=True`` flag has no effect in 0.42 (the shortcut is always 1x1), so it is not taken.
       - ``output_scale_factor``: divide the sum (the mid block of UNet2DModel uses ``mid_block_scale_factor``).
@@ -129,6 +172,7 @@ class ResnetBlock2D(nn.Module):
         down: bool = False,
         use_in_shortcut: bool | None = None,
         conv_shortcut_bias: bool = True,
+        kernel: str | None = None,
     ):
         super().__init__()
         check_choice("resnet_time_scale_shift", time_embedding_norm, ("default", "scale_shift"))
@@ -153,8 +197,13 @@ class ResnetBlock2D(nn.Module):
         self.nonlinearity = get_activation(non_linearity)
 
         # parameter-free resamplers, so they add no state_dict keys
-        self.upsample = Upsample2D(in_channels) if up else None
-        self.downsample = Downsample2D(in_channels) if down else None
+        check_choice("kernel", kernel, (None, "fir"))
+        if kernel == "fir":
+            self.upsample = FirResample2D(up=True) if up else None
+            self.downsample = FirResample2D(up=False) if down else None
+        else:
+            self.upsample = Upsample2D(in_channels) if up else None
+            self.downsample = Downsample2D(in_channels) if down else None
 
         if use_in_shortcut is None:
             use_in_shortcut = in_channels != out_channels

@@ -35,12 +35,15 @@ from minidiff.models.resnet import ResnetBlock2D, activate_temporary, get_activa
 from minidiff.models.unet_blocks import (
     DOWN_BLOCK_TYPES,
     SAMPLER_TYPES,
+    SKIP_BLOCK_TYPES,
     UP_BLOCK_TYPES,
     ResnetOptions,
+    SkipUpBlock2D,
     UNetMidBlock2D,
     check_block_type,
     get_up_block,
     make_down_blocks,
+    ncsn_groups,
     run_unet_blocks,
 )
 from minidiff.outputs import BaseOutput
@@ -89,7 +92,8 @@ def check_common_config(config: Config) -> None:
     check_ints(config, "in_channels", "out_channels", "block_out_channels", "norm_num_groups", "layers_per_block",
                "time_embedding_dim", "num_class_embeds")
     check_ints(config, "downsample_padding", minimum=0)
-    check_groups_divide(config)
+    if config.norm_num_groups is not None:  # None (NCSN++'s own groups): UNet2DModel._check_ncsn_blocks
+        check_groups_divide(config)
     check_positive_floats(config, "norm_eps")
     check_output_scale(config, "mid_block_scale_factor")
     check_dropout(config)
@@ -122,13 +126,14 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
         GroupNorm group holding one value (torch raises at batch 1 and returns the bias above), a "resnet"
         upsampler that cannot restore an odd size to its skip connection's."""
         name, (height, width) = type(self).__name__, sample.shape[-2:]
-        channels, groups = list(self.config.block_out_channels), self.config.norm_num_groups
+        channels, groups = list(self.config.block_out_channels), self.config.norm_num_groups  # None: NCSN++'s
         attention_groups = getattr(self.config, "attn_norm_num_groups", None)  # UNet2DModel's mid-block attention
         sizes = [(height, width)]  # (h, w) of each level
         for block in self.down_blocks[:-1]:
             sizes.append(self._downsampled(block, sizes[-1]))
         for i, size in enumerate(sizes):
-            per_group = min(channels[max(i - 1, 0)], channels[i]) // groups  # the narrowest GroupNorm at level i
+            # the narrowest GroupNorm at level i
+            per_group = min(ch // (groups or ncsn_groups(ch)) for ch in (channels[max(i - 1, 0)], channels[i]))
             if i == len(channels) - 1 and attention_groups:
                 per_group = min(per_group, channels[i] // attention_groups)
             if min(size) < 1 or size[0] * size[1] * per_group <= 1:
@@ -137,9 +142,11 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
                                  f"least {2 ** len(channels)}x{2 ** len(channels)}")
         for i, block in enumerate(self.up_blocks[:-1]):  # up block i goes from level L-1-i to level L-2-i
             below, above = sizes[len(sizes) - 1 - i], sizes[len(sizes) - 2 - i]
-            if isinstance(block.upsamplers[0], ResnetBlock2D) and above != (2 * below[0], 2 * below[1]):
+            exact = isinstance(block, SkipUpBlock2D) or isinstance(block.upsamplers[0], ResnetBlock2D)
+            if exact and above != (2 * below[0], 2 * below[1]):
                 multiple = 2 ** (len(channels) - 1)
-                raise ValueError(f"{name}: sample of {height}x{width} does not fit the resnet upsampler of up block "
+                kind = "FIR" if isinstance(block, SkipUpBlock2D) else "resnet"
+                raise ValueError(f"{name}: sample of {height}x{width} does not fit the {kind} upsampler of up block "
                                  f"{i}, which doubles {below[0]}x{below[1]}; use a height and width that are "
                                  f"multiples of {multiple}")
 
@@ -194,10 +201,14 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
                              f"(num_class_embeds), got {class_labels.tolist()}")
 
     def _unet(self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states=None) -> torch.Tensor:
+        image = sample  # NCSN++'s skip blocks carry the input image beside the features
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
-        sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states)
+        sample, output_image = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb,
+                                               encoder_hidden_states, image=image)
         sample = activate_temporary(self.conv_act, self.conv_norm_out(sample))
         sample = self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
+        if output_image is not None:
+            sample = sample + output_image  # NCSN++'s output skip: (B, 3, H, W)
         return sample.contiguous()  # NHWC inside, NCHW out
 
 
@@ -223,7 +234,7 @@ class UNet2DConfig(Config):
     dropout: float = 0.0
     act_fn: str = "silu"
     attention_head_dim: int | None = 8
-    norm_num_groups: int = 32
+    norm_num_groups: int | None = 32  # None: NCSN++'s min(channels // 4, 32) (skip blocks only)
     attn_norm_num_groups: int | None = None
     norm_eps: float = 1e-5
     resnet_time_scale_shift: str = "default"
@@ -264,8 +275,9 @@ class UNet2DModel(UNetBase):
         self.class_embedding = make_class_embedding(c.class_embed_type, c.num_class_embeds, time_embed_dim,
                                                     timestep_input_dim)
 
-        resnet = ResnetOptions(temb_channels=time_embed_dim, groups=c.norm_num_groups, eps=c.norm_eps,
-                               act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
+        resnet = ResnetOptions(temb_channels=time_embed_dim, groups=c.norm_num_groups or ncsn_groups(channels[-1]),
+                               eps=c.norm_eps, act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift,
+                               dropout=c.dropout)  # groups: the mid block's when None (skip blocks pick their own)
         levels = len(channels)
         per_level = [dict(num_layers=c.layers_per_block, attention_head_dim=c.attention_head_dim)] * levels
         down = [dict(level, downsample_padding=c.downsample_padding, downsample_type=c.downsample_type)
@@ -277,7 +289,7 @@ class UNet2DModel(UNetBase):
             attention_head_dim=c.attention_head_dim, attn_groups=c.attn_norm_num_groups, add_attention=c.add_attention,
         )
 
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups or ncsn_groups(channels[0]), channels[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as diffusers
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
         self.to(memory_format=torch.channels_last)  # NHWC weights and activations: see ModelMixin
@@ -291,6 +303,7 @@ class UNet2DModel(UNetBase):
         check_choice("class_embed_type", c.class_embed_type, (None, "timestep", "identity"))
         if c.time_embedding_type == "learned" and c.num_train_timesteps is None:
             raise ValueError("time_embedding_type='learned' needs num_train_timesteps")
+        UNet2DModel._check_ncsn_blocks(c)
         check_common_config(c)
         for key in ("down_block_types", "up_block_types"):
             for block_type in c[key]:
@@ -302,6 +315,35 @@ class UNet2DModel(UNetBase):
         if c.attn_norm_num_groups is not None and c.block_out_channels[-1] % c.attn_norm_num_groups:
             fail("attn_norm_num_groups", c.attn_norm_num_groups, f"does not divide the {c.block_out_channels[-1]} "
                  "channels of the mid block's attention", "use a divisor of block_out_channels[-1] or None")
+
+    @staticmethod
+    def _check_ncsn_blocks(c: UNet2DConfig) -> None:
+        """NCSN++'s skip blocks carry a 3-channel image: they go together, in_channels=3; norm_num_groups=None (their
+        own groups) is for them only."""
+        blocks = [*c.down_block_types, *c.up_block_types]
+        skip = [name for name in blocks if name in SKIP_BLOCK_TYPES]
+        if skip and len(skip) != len(blocks):
+            raise ValueError(f"down_block_types/up_block_types mix NCSN++ skip blocks {skip} with others; use skip "
+                             "blocks (SkipDownBlock2D, AttnSkipDownBlock2D, SkipUpBlock2D, AttnSkipUpBlock2D) "
+                             "throughout or none")
+        if skip and c.in_channels != 3:
+            fail("in_channels", c.in_channels, "must be 3 with NCSN++ skip blocks (their image path is RGB)",
+                 "use in_channels=3")
+        if c.norm_num_groups is None and not skip:
+            fail("norm_num_groups", None, "is only for NCSN++ skip blocks, which choose min(channels // 4, 32)",
+                 "give an int such as 32")
+        for channels in c.block_out_channels if c.norm_num_groups is None else ():
+            if channels < 4 or channels % ncsn_groups(channels):
+                fail("block_out_channels", list(c.block_out_channels), f"has {channels}, which NCSN++'s "
+                     f"min(channels // 4, 32) = {ncsn_groups(channels)} groups do not divide",
+                     "use multiples of 4 (of 128 above 128)")
+        levels = len(c.block_out_channels)
+        attention_levels = [i for i, name in enumerate(c.down_block_types) if name == "AttnSkipDownBlock2D"]
+        attention_levels += [levels - 1 - i for i, name in enumerate(c.up_block_types) if name == "AttnSkipUpBlock2D"]
+        for level in attention_levels:
+            if c.block_out_channels[level] % 32:
+                fail("block_out_channels", list(c.block_out_channels), f"has {c.block_out_channels[level]} at "
+                     f"level {level}, whose NCSN++ attention normalises in 32 groups", "use a multiple of 32 there")
 
     @staticmethod
     def _check_attention_heads(c: UNet2DConfig) -> None:

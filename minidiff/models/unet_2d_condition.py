@@ -36,6 +36,7 @@ from minidiff.models.embeddings import (
 from minidiff.models.resnet import activate_temporary, get_activation
 from minidiff.models.unet_2d import UNetBase, batch_timesteps, check_common_config
 from minidiff.models.unet_blocks import (
+    SKIP_BLOCK_TYPES,
     CrossAttentionOptions,
     ResnetOptions,
     UNetMidBlock2D,
@@ -373,6 +374,11 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
                 )
         check_choice("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None))
         check_choice("time_embedding_type", c.time_embedding_type, ("positional", "fourier"))
+        for key in ("down_block_types", "up_block_types"):
+            skip = [name for name in c[key] if name in SKIP_BLOCK_TYPES]
+            if skip:
+                raise ValueError(f"{key}: {skip[0]} is an NCSN++ block of UNet2DModel (it needs the input image, "
+                                 "which this model does not route); use UNet2DModel")
         check_class_embedding(c.class_embed_type, c.projection_class_embeddings_input_dim)
         if c.addition_embed_type == "text_time":
             for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
@@ -500,8 +506,8 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
               encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """UNetBase._unet with the ControlNet residuals (and the text-token mask) passed to the U."""
         sample = self.conv_in(sample)  # (B, C_in, H, W) -> (B, C0, H, W)
-        sample = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb, encoder_hidden_states,
-                                 down_residuals, mid_residual, encoder_attention_mask)
+        sample, _ = run_unet_blocks(self.down_blocks, self.mid_block, self.up_blocks, sample, emb,
+                                    encoder_hidden_states, down_residuals, mid_residual, encoder_attention_mask)
         sample = activate_temporary(self.conv_act, self.conv_norm_out(sample))
         sample = self.conv_out(sample)  # (B, C0, H, W) -> (B, C_out, H, W)
         return sample.contiguous()  # NHWC inside, NCHW out

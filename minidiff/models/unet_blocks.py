@@ -12,7 +12,9 @@ resampler. What differs between diffusers' block types is only *which* attention
 | ResnetDownsampleBlock2D / ...Up | none                                           | a ResnetBlock2D with down/up |
 
 so each family is one class (``DownBlock2D``, ``UpBlock2D``, ``UNetMidBlock2D``) parameterised by an attention
-factory and a resampler kind; the named subclasses only choose them. Attribute names (``resnets``, ``attentions``,
+factory and a resampler kind; the named subclasses only choose them. NCSN++'s ``(Attn)Skip{Down,Up}Block2D``
+(``SkipDownBlock2D`` / ``SkipUpBlock2D``) also carry the input image beside the features and resample with a FIR
+filter, so they are classes of their own. Attribute names (``resnets``, ``attentions``,
 ``downsamplers``, ``upsamplers``) are diffusers' state_dict keys.
 
 Down blocks return their output and the tensors they leave for the skip connections; up blocks concatenate those
@@ -22,6 +24,7 @@ Down blocks return their output and the tensors they leave for the skip connecti
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +33,13 @@ from torch import nn
 
 from minidiff.models.attention import Attention, Transformer2DModel
 from minidiff.models.modeling import checkpointed
-from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from minidiff.models.resnet import Downsample2D, FirResample2D, ResnetBlock2D, Upsample2D
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D",
+                    "SkipDownBlock2D", "AttnSkipDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D",
+                  "AttnSkipUpBlock2D")
+SKIP_BLOCK_TYPES = ("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")  # NCSN++'s
 SAMPLER_TYPES = ("conv", "resnet")
 
 
@@ -334,6 +340,109 @@ class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
                          make_attention=transformers(in_channels, cross, resnet))
 
 
+def ncsn_groups(channels: int) -> int:
+    """The GroupNorm groups of NCSN++'s blocks: one per 4 channels, at most 32 (diffusers' skip blocks fix them,
+    whatever norm_num_groups says)."""
+    return min(channels // 4, 32)
+
+
+NCSN_OUTPUT_SCALE = math.sqrt(2.0)  # every NCSN++ resnet and attention divides its residual sum by sqrt(2)
+
+
+def _ncsn_resnet(resnet: ResnetOptions, in_channels: int, out_channels: int, groups: int | None = None,
+                 **extra) -> ResnetBlock2D:
+    return dataclasses.replace(resnet, groups=ncsn_groups(in_channels) if groups is None else groups,
+                               output_scale_factor=NCSN_OUTPUT_SCALE).block(
+        in_channels, out_channels, groups_out=ncsn_groups(out_channels), **extra)
+
+
+def _ncsn_attention(channels: int, head_dim: int | None, resnet: ResnetOptions) -> Attention:
+    return pixel_self_attention(channels, head_dim, 32, resnet.eps, NCSN_OUTPUT_SCALE)  # 32 groups, as diffusers
+
+
+class SkipDownBlock2D(nn.Module):
+    """NCSN++'s down block (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. H, with the
+    "input skip" progressive growing): resnets (each followed by pixel attention in ``AttnSkipDownBlock2D``), then a
+    resnet that halves the size with the FIR filter; beside the features, the model's input image is FIR-halved
+    too and added through a 1x1 conv (``skip_conv``). ``forward(x, temb, image) -> (x, skips, image)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, resnet: ResnetOptions,
+                 attention_head_dim: int | None = None, with_attention: bool = False, add_downsample: bool = True):
+        super().__init__()
+        self.resnets = nn.ModuleList(_ncsn_resnet(resnet, in_channels if i == 0 else out_channels, out_channels)
+                                     for i in range(num_layers))
+        self.attentions = nn.ModuleList(_ncsn_attention(out_channels, attention_head_dim, resnet)
+                                        for _ in range(num_layers)) if with_attention else None
+        if add_downsample:
+            self.resnet_down = _ncsn_resnet(resnet, out_channels, out_channels, use_in_shortcut=True, down=True,
+                                            kernel="fir")
+            self.downsamplers = nn.ModuleList([FirResample2D(up=False)])  # for the image: no parameters
+            self.skip_conv = nn.Conv2d(3, out_channels, kernel_size=1)
+        else:
+            self.resnet_down = self.downsamplers = self.skip_conv = None
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, image: torch.Tensor
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
+            skips.append(hidden_states)
+        if self.resnet_down is not None:
+            hidden_states = self.resnet_down(hidden_states, temb)  # (B, C, H, W) -> (B, C, H/2, W/2)
+            image = self.downsamplers[0](image)  # (B, 3, H, W) -> (B, 3, H/2, W/2)
+            hidden_states = self.skip_conv(image) + hidden_states
+            skips.append(hidden_states)
+        return hidden_states, tuple(skips), image
+
+
+class SkipUpBlock2D(nn.Module):
+    """NCSN++'s up block with the "output skip": concatenated skips and resnets as ``UpBlock2D`` (one pixel
+    attention after the last in ``AttnSkipUpBlock2D``), then, while not at the top, the running output image is
+    FIR-doubled and gets ``skip_conv(act(skip_norm(x)))`` added (3 channels), and a FIR resnet doubles the features.
+    ``forward(x, skips, temb, image) -> (x, image)``; the top block returns the image the model adds to its output.
+
+    The attention variant's first resnet normalises with ``min(in + skip // 4, 32)`` groups: diffusers' operator
+    precedence, kept for its numbers (it is 32 for every channel count above 128)."""
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, num_layers: int,
+                 resnet: ResnetOptions, attention_head_dim: int | None = None, with_attention: bool = False,
+                 add_upsample: bool = True):
+        super().__init__()
+        resnets = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            below_channels = prev_output_channel if i == 0 else out_channels
+            groups = min(below_channels + skip_channels // 4, 32) if with_attention else None
+            resnets.append(_ncsn_resnet(resnet, below_channels + skip_channels, out_channels, groups))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList([_ncsn_attention(out_channels, attention_head_dim, resnet)]) \
+            if with_attention else None
+        self.upsampler = FirResample2D(up=True)  # for the image: no parameters
+        if add_upsample:
+            self.resnet_up = _ncsn_resnet(resnet, out_channels, out_channels, use_in_shortcut=True, up=True,
+                                          kernel="fir")
+            self.skip_conv = nn.Conv2d(out_channels, 3, kernel_size=3, padding=1)
+            self.skip_norm = nn.GroupNorm(ncsn_groups(out_channels), out_channels, eps=resnet.eps)
+            self.act = nn.SiLU()
+        else:
+            self.resnet_up = self.skip_conv = self.skip_norm = self.act = None
+
+    def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
+                temb: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        for i, resnet in enumerate(self.resnets):
+            skip = res_hidden_states_tuple[-1 - i]  # last in, first out
+            hidden_states = resnet(torch.cat([hidden_states, skip], dim=1), temb)  # (B, C + C_skip, H, W) -> ...
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
+        image = 0 if image is None else self.upsampler(image)  # (B, 3, h, w) -> (B, 3, 2h, 2w)
+        if self.resnet_up is not None:
+            image = image + self.skip_conv(self.act(self.skip_norm(hidden_states)))  # (B, 3, H, W)
+            hidden_states = self.resnet_up(hidden_states, temb)  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return hidden_states, image
+
+
 def _strip_prefix(block_type: str) -> str:
     return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
 
@@ -382,6 +491,9 @@ def get_down_block(
     if name == "CrossAttnDownBlock2D":
         return CrossAttnDownBlock2D(**common, cross=_need_cross(name, cross), add_downsample=add_downsample,
                                     downsample_padding=downsample_padding)
+    if name in SKIP_BLOCK_TYPES:
+        return SkipDownBlock2D(**common, attention_head_dim=attention_head_dim, with_attention=name.startswith("Attn"),
+                               add_downsample=add_downsample)
     common["resnet"] = dataclasses.replace(resnet, skip_time_act=resnet_skip_time_act,
                                            output_scale_factor=resnet_out_scale_factor)
     return ResnetDownsampleBlock2D(**common, add_downsample=add_downsample)
@@ -425,6 +537,9 @@ def get_up_block(
                              upsample=upsample_type if add_upsample else None)
     if name == "CrossAttnUpBlock2D":
         return CrossAttnUpBlock2D(**common, cross=_need_cross(name, cross), add_upsample=add_upsample)
+    if name in SKIP_BLOCK_TYPES:
+        return SkipUpBlock2D(**common, attention_head_dim=attention_head_dim, with_attention=name.startswith("Attn"),
+                             add_upsample=add_upsample)
     common["resnet"] = dataclasses.replace(resnet, skip_time_act=resnet_skip_time_act,
                                            output_scale_factor=resnet_out_scale_factor)
     return ResnetUpsampleBlock2D(**common, add_upsample=add_upsample)
@@ -432,12 +547,17 @@ def get_up_block(
 
 def run_encoder_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, sample: torch.Tensor,
                        temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                       encoder_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                       encoder_attention_mask: torch.Tensor | None = None,
+                       image: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The down half of the U, shared by the UNets and the ControlNet: each down block leaves its skip tensors on
-    a stack (the input first), then the mid block runs at the lowest resolution. Returns (mid output, skips)."""
+    a stack (the input first), then the mid block runs at the lowest resolution. Returns (mid output, skips).
+    NCSN++'s skip blocks also take the model's input ``image``, downsampled from block to block."""
     skips = [sample]
     for block in down_blocks:
-        sample, block_skips = block(sample, temb, encoder_hidden_states, encoder_attention_mask)
+        if isinstance(block, SkipDownBlock2D):
+            sample, block_skips, image = block(sample, temb, image)
+        else:
+            sample, block_skips = block(sample, temb, encoder_hidden_states, encoder_attention_mask)
         skips.extend(block_skips)
     if mid_block is not None:
         sample = mid_block(sample, temb, encoder_hidden_states, encoder_attention_mask)
@@ -448,20 +568,26 @@ def run_unet_blocks(down_blocks: nn.ModuleList, mid_block: nn.Module | None, up_
                     sample: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                     down_residuals: tuple[torch.Tensor, ...] | None = None,
                     mid_residual: torch.Tensor | None = None,
-                    encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    encoder_attention_mask: torch.Tensor | None = None,
+                    image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The U: the encoder half (``run_encoder_blocks``), then each up block takes back as many skips as it has
     resnets. Upsamplers resize to the size of the next skip tensor, so inputs whose size is not a multiple of
     2^levels work (diffusers' ``upsample_size``). ControlNet (Zhang et al. 2023, Eq. 4 / Fig. 3): the residuals
-    ``down_residuals`` (one per skip) are added to the skips and ``mid_residual`` to the mid block's output."""
+    ``down_residuals`` (one per skip) are added to the skips and ``mid_residual`` to the mid block's output.
+    Returns (sample, the output image of NCSN++'s skip up blocks, to add to the model's output; None without them)."""
     sample, skips = run_encoder_blocks(down_blocks, mid_block, sample, temb, encoder_hidden_states,
-                                       encoder_attention_mask)
+                                       encoder_attention_mask, image)
     if down_residuals is not None:
         skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (B, C_k, h_k, w_k) each
     if mid_residual is not None:
         sample = sample + mid_residual  # (B, C_last, h, w)
+    output_image = None  # the up path builds its own image, from the lowest level up (as diffusers)
     for block in up_blocks:
         count = len(block.resnets)
         block_skips, skips = tuple(skips[-count:]), skips[:-count]
         upsample_size = tuple(skips[-1].shape[2:]) if skips else None
-        sample = block(sample, block_skips, temb, encoder_hidden_states, upsample_size, encoder_attention_mask)
-    return sample
+        if isinstance(block, SkipUpBlock2D):
+            sample, output_image = block(sample, block_skips, temb, output_image)
+        else:
+            sample = block(sample, block_skips, temb, encoder_hidden_states, upsample_size, encoder_attention_mask)
+    return sample, output_image
