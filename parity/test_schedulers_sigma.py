@@ -532,3 +532,23 @@ def test_diffusers_expected_values(name, test, loop, config, t_start, statistic,
     assert abs(value.item() - expected) < tolerance, f"{name} {test}: {statistic} {value.item()} vs diffusers' {expected}"
     # LMS here is stock diffusers (float32 quadrature); these ten steps stay within 1e-6 of it
     compare(name, f"diffusers test {test}: final sample", mine, ref, TOL)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(interpolation_type="log_linear", prediction_type="v_prediction"),
+                                     dict(final_sigmas_type="sigma_min", prediction_type="sample"),
+                                     dict(use_karras_sigmas=True)])
+@pytest.mark.parametrize("custom", ["timesteps", "sigmas"])
+def test_euler_custom_timesteps_and_sigmas(options, custom):
+    """``set_timesteps(timesteps=...)`` / ``(sigmas=...)`` (diffusers' custom schedules), uneven ones included."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **options)
+    mine, ref = md.EulerDiscreteScheduler(**config), diffusers.EulerDiscreteScheduler(**config)
+    if custom == "timesteps" and options.get("use_karras_sigmas"):
+        with pytest.raises(ValueError, match="custom timesteps cannot be combined with use_karras_sigmas=True"):
+            mine.set_timesteps(timesteps=[900, 500, 100])
+        return
+    schedule = {"timesteps": [999, 850.5, 600, 301, 120, 15], "sigmas": [14.6, 6.1, 2.0, 0.9, 0.25, 0.03, 0.0]}
+    mine.set_timesteps(**{custom: schedule[custom]})
+    ref.set_timesteps(**{custom: schedule[custom]})
+    compare_exact("EulerDiscreteScheduler", f"custom {custom}: timesteps", mine.timesteps, ref.timesteps)
+    compare_exact("EulerDiscreteScheduler", f"custom {custom}: sigmas", mine.sigmas, ref.sigmas)
+    run_side_by_side("EulerDiscreteScheduler", f"custom {custom} {options}", mine, ref)

@@ -179,7 +179,7 @@ def test_ddpm_custom_timesteps_must_descend_and_lie_in_range():
         md.DDPMScheduler(**SMALL).set_timesteps(timesteps=[60, 10])
     with pytest.raises(ValueError, match=r"custom timesteps must be integers, got \[10.5, 3\]"):
         md.DDPMScheduler(**SMALL).set_timesteps(timesteps=[10.5, 3])
-    with pytest.raises(ValueError, match=r"non-empty, strictly descending"):
+    with pytest.raises(ValueError, match=r"custom timesteps must be a non-empty 1-d list of numbers"):
         md.DDPMScheduler(**SMALL).set_timesteps(timesteps=[])
 
 
@@ -358,3 +358,18 @@ def test_two_threads_sharing_one_pipeline_get_the_not_thread_safe_error():
     [thread.start() for thread in threads]
     [thread.join() for thread in threads]
     assert any("(and so a pipeline) is not thread-safe" in outcome for outcome in outcomes), outcomes
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(), r"takes exactly one of num_inference_steps, timesteps .* or sigmas .*; got none"),
+    (dict(num_inference_steps=4, sigmas=[1.0, 0.0]), r"exactly one of .*; got num_inference_steps, sigmas"),
+    (dict(timesteps=[10, 20]), r"custom timesteps must be strictly descending, got \[10, 20\]"),
+    (dict(timesteps=[2000, 10]), r"custom timesteps must lie in \[0, 49\]"),
+    (dict(sigmas=[1.0]), r"custom sigmas must be at least two finite, non-negative, descending noise levels"),
+    (dict(sigmas=[1.0, 2.0, 0.0]), r"custom sigmas must be .* got \[1.0, 2.0, 0.0\]"),
+    (dict(sigmas=[1.0, float("nan")]), r"custom sigmas must be"),
+    (dict(sigmas=["a", 0.0]), r"custom sigmas must be"),
+])
+def test_euler_custom_schedule_is_checked(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        md.EulerDiscreteScheduler(**SMALL).set_timesteps(**arguments)

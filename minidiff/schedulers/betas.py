@@ -160,6 +160,24 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
     return int(num_inference_steps)
 
 
+def check_custom_timesteps(timesteps, num_train_timesteps: int, integers: bool = True) -> np.ndarray:
+    """A user's ``set_timesteps(timesteps=...)``: a non-empty, strictly descending 1-d list in [0, T - 1], of
+    integers (int64) unless ``integers`` is False (float64: the sigma schedulers interpolate between steps)."""
+    shown = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    values = np.asarray(shown)
+    if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"custom timesteps must be a non-empty 1-d list of numbers, got {timesteps!r}")
+    if integers and not (np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)):
+        raise ValueError(f"custom timesteps must be integers, got {shown}")  # 10.5 would be truncated silently
+    values = values.astype(np.int64 if integers else np.float64)
+    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() >= num_train_timesteps:
+        raise ValueError(f"custom timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps="
+                         f"{num_train_timesteps}), got {shown}")
+    if np.any(values[1:] >= values[:-1]):
+        raise ValueError(f"custom timesteps must be strictly descending, got {shown}")
+    return values
+
+
 def integer_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int,
                       beyond_last_ok: bool = False) -> np.ndarray:
     """Descending int64 timesteps for N of T steps (Lin et al. 2023, Table 2):

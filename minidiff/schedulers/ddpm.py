@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from minidiff.configuration import Config, check_choice
@@ -24,6 +23,7 @@ from minidiff.schedulers.base import (
     check_timestep,
 )
 from minidiff.schedulers.betas import (
+    check_custom_timesteps,
     check_num_inference_steps,
     clip_or_threshold,
     integer_timesteps,
@@ -109,16 +109,7 @@ class DDPMScheduler(SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps takes exactly one of num_inference_steps or timesteps (a descending list)")
         if timesteps is not None:
-            chosen = np.asarray(timesteps)
-            if chosen.size and chosen.dtype.kind not in "iu":  # 10.5 would be truncated to 10 without a word
-                raise ValueError(f"custom timesteps must be integers, got {list(timesteps)}")
-            chosen = chosen.astype(np.int64)
-            if chosen.ndim != 1 or len(chosen) == 0 or np.any(np.diff(chosen) >= 0):
-                raise ValueError(f"custom timesteps must be a non-empty, strictly descending list, got {list(timesteps)}")
-            if chosen[0] >= config.num_train_timesteps or chosen[-1] < 0:
-                raise ValueError(
-                    f"custom timesteps must lie in [0, {config.num_train_timesteps - 1}], got {list(timesteps)}"
-                )
+            chosen = check_custom_timesteps(timesteps, config.num_train_timesteps)
             self.custom_timesteps = True
         else:
             steps = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)

@@ -12,9 +12,11 @@ import torch
 from minidiff.configuration import Config, check_choice
 from minidiff.random import randn_tensor
 from minidiff.schedulers.base import SchedulerOutput, broadcast_to
-from minidiff.schedulers.betas import check_common_options, check_num_inference_steps
+from minidiff.schedulers.betas import check_common_options, check_custom_timesteps, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
     SigmaSchedulerMixin,
+    check_custom_sigmas,
+    check_schedule_arguments,
     float_timesteps,
     interpolate_sigmas,
     check_sigma_spacing,
@@ -84,28 +86,44 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         """EDM-style v-prediction models (e.g. SVD) take ``t = log(sigma) / 4`` instead of a training step."""
         return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[float] | None = None, sigmas: list[float] | None = None) -> None:
         """N timesteps spaced per ``timestep_spacing``; sigmas interpolated at them (linearly, or evenly in log sigma
         for ``log_linear``), optionally replaced by Karras sigmas (Eq. 5); then the final sigma (0 or sigma_min).
 
         With ``log_linear`` the grid has N + 1 interpolated sigmas before the final one, as in diffusers, so the
-        N steps end at the smallest training sigma rather than at 0."""
+        N steps end at the smallest training sigma rather than at 0. Instead of N: custom descending ``timesteps``
+        (their sigmas interpolated as above), or custom ``sigmas`` including the final one (their timesteps found
+        by ``sigma_to_t``), as in diffusers."""
         config = self.config
         self._begin_run()
-        N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        self.num_inference_steps = N
-        timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset)
+        check_schedule_arguments(type(self).__name__, config, num_inference_steps, timesteps, sigmas)
+        if timesteps is not None and self._continuous_timesteps:
+            raise ValueError("custom timesteps cannot be combined with timestep_type='continuous' and v_prediction, "
+                             "whose timesteps are log(sigma) / 4: pass sigmas= instead")
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        if config.interpolation_type == "linear":
-            sigmas = interpolate_sigmas(timesteps, train_sigmas)
+        if sigmas is not None:
+            self.sigmas = torch.from_numpy(check_custom_sigmas(sigmas))
+            timesteps = sigma_to_t(self.sigmas[:-1].numpy(), np.log(train_sigmas))
+            self.num_inference_steps = len(timesteps)
         else:
-            log_sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), N + 1)
-            sigmas = log_sigmas.exp().numpy()
-        respaced = respaced_sigmas(config, sigmas, N)
-        if respaced is not None:
-            sigmas, timesteps = respaced, sigma_to_t(respaced, np.log(train_sigmas))
-        final_sigma = train_sigmas[0].item() if config.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = with_final_sigma(sigmas, final_sigma)
+            if timesteps is None:
+                N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+                timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N,
+                                            config.steps_offset)
+            else:
+                timesteps = check_custom_timesteps(timesteps, config.num_train_timesteps, integers=False)
+                N = len(timesteps)
+            self.num_inference_steps = N
+            if config.interpolation_type == "linear":
+                run_sigmas = interpolate_sigmas(timesteps, train_sigmas)
+            else:
+                run_sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), N + 1).exp().numpy()
+            respaced = respaced_sigmas(config, run_sigmas, N)
+            if respaced is not None:
+                run_sigmas, timesteps = respaced, sigma_to_t(respaced, np.log(train_sigmas))
+            final_sigma = train_sigmas[0].item() if config.final_sigmas_type == "sigma_min" else 0.0
+            self.sigmas = with_final_sigma(run_sigmas, final_sigma)
         if self._continuous_timesteps:
             self.timesteps = (0.25 * self.sigmas[:-1].log()).to(device)
         else:

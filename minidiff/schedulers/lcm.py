@@ -23,7 +23,13 @@ from minidiff.configuration import Config
 from minidiff.outputs import BaseOutput
 from minidiff.random import Generator, randn_tensor
 from minidiff.schedulers.base import StepIndexMixin, check_timestep
-from minidiff.schedulers.betas import check_num_inference_steps, check_range, clip_or_threshold, predicted_x0_and_eps
+from minidiff.schedulers.betas import (
+    check_custom_timesteps,
+    check_num_inference_steps,
+    check_range,
+    clip_or_threshold,
+    predicted_x0_and_eps,
+)
 
 SIGMA_DATA = 0.5  # the data standard deviation the LCM boundary condition assumes (diffusers' sigma_data)
 
@@ -71,22 +77,6 @@ def skipping_step_timesteps(grid: np.ndarray, num_inference_steps: int) -> np.nd
     descending = grid[::-1].copy()
     positions = np.floor(np.linspace(0, len(descending), num=num_inference_steps, endpoint=False)).astype(np.int64)
     return descending[positions]
-
-
-def check_custom_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
-    """User timesteps as int64: a non-empty, strictly descending list of integers in [0, T - 1]."""
-    values = np.asarray(timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps))
-    if values.ndim != 1 or len(values) == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-d list of integers, got {timesteps!r}")
-    if not (np.issubdtype(values.dtype, np.integer) or np.all(np.mod(values, 1) == 0)):
-        raise ValueError(f"timesteps must be integers (training timesteps), got {values.tolist()}")
-    values = values.astype(np.int64)
-    if values.min() < 0 or values.max() >= num_train_timesteps:
-        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps="
-                         f"{num_train_timesteps}), got {values.tolist()}")
-    if np.any(values[1:] >= values[:-1]):
-        raise ValueError(f"timesteps must be strictly descending (custom_timesteps), got {values.tolist()}")
-    return values
 
 
 def warn_about_custom_timesteps(timesteps: np.ndarray, grid: np.ndarray, max_length: int, num_train_timesteps: int):

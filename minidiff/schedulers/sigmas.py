@@ -119,6 +119,33 @@ def check_sigma_spacing(config: Any) -> None:
                          f"replaces the whole noise schedule; set at most one of {', '.join(SIGMA_SPACINGS)}")
 
 
+def check_schedule_arguments(owner: str, config: Any, num_inference_steps: Any, timesteps: Any, sigmas: Any) -> None:
+    """``set_timesteps`` takes exactly one of a step count, custom ``timesteps`` or custom ``sigmas`` (diffusers'
+    rules); custom timesteps keep their noise levels, so a respacing option (Karras, ...) cannot apply to them."""
+    given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                      ("sigmas", sigmas)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"{owner}.set_timesteps takes exactly one of num_inference_steps, timesteps (descending "
+                         f"training timesteps) or sigmas (descending noise levels, the last one the final); got "
+                         f"{', '.join(given) or 'none'}")
+    respacing = [option for option in SIGMA_SPACINGS if getattr(config, option, False)]
+    if timesteps is not None and respacing:
+        raise ValueError(f"custom timesteps cannot be combined with {respacing[0]}=True, which replaces the noise "
+                         "levels: pass sigmas=, or a config without it")
+
+
+def check_custom_sigmas(sigmas: Any) -> np.ndarray:
+    """A user's ``set_timesteps(sigmas=...)``: at least two finite, non-negative, descending noise levels (the last
+    is where the final step lands: 0, or sigma_min repeated), as float32."""
+    shown = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    values = np.asarray(shown, dtype=np.float64) if all(isinstance(v, (int, float)) for v in shown) else None
+    if values is None or values.ndim != 1 or len(values) < 2 or not np.all(np.isfinite(values)) or values.min() < 0 \
+            or np.any(values[1:] > values[:-1]):
+        raise ValueError(f"custom sigmas must be at least two finite, non-negative, descending noise levels "
+                         f"(the last one the final, e.g. 0), got {shown}")
+    return values.astype(np.float32)
+
+
 def respaced_sigmas(config: Any, sigmas: np.ndarray, num_steps: int) -> np.ndarray | None:
     """The N sigmas of the spacing the config turns on (Karras Eq. 5 with rho = 7, exponential or beta), between
     ``config.sigma_min``/``sigma_max`` where the scheduler has them and else the ends of the descending ``sigmas``;
