@@ -95,3 +95,36 @@ def test_ddpm_from_a_dpm_solver_config_takes_variance_type_none():
         a = mine.step(0.5 * x, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
         b = ref.step(0.5 * x, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
         compare(COMPONENT, "DDPM variance_type=None", a, b, 1e-6)
+
+
+SEEDED = {
+    "UNet2DModel": dict(block_out_channels=(4, 8), layers_per_block=2, norm_num_groups=4, sample_size=8,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+    "UNet2DConditionModel": dict(block_out_channels=(8, 16), layers_per_block=2, sample_size=16, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=2,
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16),
+    "AutoencoderKL": dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                          up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4),
+    "ControlNetModel": dict(block_out_channels=(8, 16), layers_per_block=2, down_block_types=(
+        "DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+        conditioning_embedding_out_channels=(4, 8)),
+    "UNet2DModel NCSN++": dict(block_out_channels=(32, 64, 32), layers_per_block=1, time_embedding_type="fourier",
+                               norm_num_groups=None, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D",
+                                                                       "SkipDownBlock2D"),
+                               up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEEDED))
+def test_a_seed_gives_diffusers_initial_weights(case):
+    """``torch.manual_seed(s); Model(**config)`` builds diffusers' weights exactly: the layers are created in its
+    order (diffusers' own fast tests build their dummy models this way and expect its numbers)."""
+    name = case.split()[0]
+    torch.manual_seed(0)
+    theirs = getattr(diffusers, name)(**SEEDED[case]).state_dict()
+    torch.manual_seed(0)
+    ours = getattr(minidiff, name)(**SEEDED[case]).state_dict()
+    assert set(ours) == set(theirs)
+    for key, tensor in theirs.items():
+        compare(f"Seeded init ({name})", "weights drawn under the same seed", ours[key], tensor, 0.0, metric="abs")

@@ -79,7 +79,7 @@ def test_cosine_schedule_ignores_beta_start_and_stays_in_range(cls):
         (md.DDIMScheduler, dict(clip_sample_range=0.0), r"clip_sample_range=0.0 must be > 0 and finite"),
         (md.DDPMScheduler, dict(clip_sample_range=-1.0), r"clip_sample_range=-1.0 must be > 0"),
         (md.DDIMInverseScheduler, dict(clip_sample_range=float("nan")), r"clip_sample_range=nan must be > 0"),
-        (md.DDIMScheduler, dict(dynamic_thresholding_ratio=-0.1), r"dynamic_thresholding_ratio=-0.1 must lie in \[0, 1"),
+        (md.DDIMScheduler, dict(dynamic_thresholding_ratio=-0.1), r"dynamic_thresholding_ratio=-0.1 must lie in \[0"),
         (md.DDPMScheduler, dict(dynamic_thresholding_ratio=1.5), r"dynamic_thresholding_ratio=1.5 must lie in \[0, 1"),
         (md.DPMSolverMultistepScheduler, dict(sample_max_value=0.0), r"sample_max_value=0.0 must be > 0"),
         (md.DDIMScheduler, dict(sample_max_value=float("inf")), r"sample_max_value=inf must be > 0 and finite"),

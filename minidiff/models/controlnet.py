@@ -173,12 +173,16 @@ class ControlNetModel(TextConditionedEncoderMixin, UNetBase):
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], c.conditioning_channels, c.conditioning_embedding_out_channels)
         down_options, _ = level_options(self._encoder_config)
-        self.down_blocks = make_down_blocks(c.down_block_types, channels, resnet, down_options)
-        # one zero conv per skip tensor: conv_in's output, each resnet layer's and each downsampler's
-        skip_channels = [channels[0]]
-        for i, block in enumerate(self.down_blocks):
-            skip_channels += [channels[i]] * (len(block.resnets) + (block.downsamplers is not None))
-        self.controlnet_down_blocks = nn.ModuleList(zero_conv(width) for width in skip_channels)
+        # one zero conv per skip tensor: conv_in's output, each resnet layer's and each downsampler's, each made
+        # right after its block (diffusers' order, so a seed gives its initial weights)
+        zero_convs = [zero_conv(channels[0])]
+
+        def add_zero_convs(i: int, block: nn.Module) -> None:
+            skips = len(block.resnets) + (block.downsamplers is not None)
+            zero_convs.extend(zero_conv(channels[i]) for _ in range(skips))
+
+        self.down_blocks = make_down_blocks(c.down_block_types, channels, resnet, down_options, add_zero_convs)
+        self.controlnet_down_blocks = nn.ModuleList(zero_convs)
         self.controlnet_mid_block = zero_conv(channels[-1])
         self.mid_block = make_mid_block(self._encoder_config, resnet)
         self.to(memory_format=torch.channels_last)  # NHWC weights and activations: see ModelMixin

@@ -72,6 +72,8 @@ class GaussianFourierProjection(nn.Module):
 
     def __init__(self, embedding_size: int = 256, scale: float = 1.0, log: bool = True, flip_sin_to_cos: bool = False):
         super().__init__()
+        # diffusers draws W twice (the first for a legacy alias it deletes); drawing twice too, a seed gives its W
+        torch.randn(embedding_size)
         self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -155,11 +155,14 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
         sampler = block.downsamplers[0]
         return (sampler.downsample if isinstance(sampler, ResnetBlock2D) else sampler).output_size(*size)
 
-    def _build_blocks(self, resnet: ResnetOptions, down_options: list[dict], up_options: list[dict]) -> None:
-        """``down_blocks``/``up_blocks`` from the config; ``*_options[i]`` are the per-level extras of block i."""
+    def _build_blocks(self, resnet: ResnetOptions, down_options: list[dict], up_options: list[dict],
+                      make_mid_block: Callable[[], nn.Module | None]) -> None:
+        """``down_blocks``, ``mid_block``, ``up_blocks`` from the config, in that order (diffusers', so a seed gives
+        its initial weights); ``*_options[i]`` are the per-level extras of block i."""
         channels = list(self.config.block_out_channels)
         last = len(channels) - 1
         self.down_blocks = make_down_blocks(self.config.down_block_types, channels, resnet, down_options)
+        self.mid_block = make_mid_block()
         reversed_channels = channels[::-1]
         self.up_blocks = nn.ModuleList(
             get_up_block(block_type, in_channels=reversed_channels[min(i + 1, last)],
@@ -283,11 +286,10 @@ class UNet2DModel(UNetBase):
         down = [dict(level, downsample_padding=c.downsample_padding, downsample_type=c.downsample_type)
                 for level in per_level]
         up = [dict(level, num_layers=c.layers_per_block + 1, upsample_type=c.upsample_type) for level in per_level]
-        self._build_blocks(resnet, down, up)
-        self.mid_block = None if c.mid_block_type is None else UNetMidBlock2D(
+        self._build_blocks(resnet, down, up, lambda: None if c.mid_block_type is None else UNetMidBlock2D(
             channels[-1], dataclasses.replace(resnet, output_scale_factor=c.mid_block_scale_factor),
             attention_head_dim=c.attention_head_dim, attn_groups=c.attn_norm_num_groups, add_attention=c.add_attention,
-        )
+        ))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups or ncsn_groups(channels[0]), channels[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as diffusers

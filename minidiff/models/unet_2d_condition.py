@@ -354,8 +354,7 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         c = self.register_config(kwargs)
         self._check_config(c)
         resnet = self._build_embeddings(c)
-        self._build_blocks(resnet, *level_options(c))
-        self.mid_block = make_mid_block(c, resnet)
+        self._build_blocks(resnet, *level_options(c), lambda: make_mid_block(c, resnet))
 
         channels = list(c.block_out_channels)
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)

@@ -126,8 +126,20 @@ class _ResnetStack(nn.Module):
     def _resnet(self, layer: int, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         return checkpointed(self, self.resnets[layer], hidden_states, temb)
 
-    def _build_attentions(self, make_attention: AttentionFactory | None, num_layers: int) -> None:
-        self.attentions = nn.ModuleList(make_attention(i) for i in range(num_layers)) if make_attention else None
+    def _build_layers(self, make_resnet: Callable[[int], nn.Module], make_attention: AttentionFactory | None,
+                      num_layers: int, attention_first: bool = False) -> None:
+        """``resnets`` and ``attentions`` (one per layer), created in diffusers' order, resnet i then attention i
+        (attention i then resnet i with ``attention_first``: the mid block's), so that a seed drawn before building
+        a model gives diffusers' initial weights."""
+        resnets, attentions = [], []
+        for i in range(num_layers):
+            if make_attention and attention_first:
+                attentions.append(make_attention(i))
+            resnets.append(make_resnet(i))
+            if make_attention and not attention_first:
+                attentions.append(make_attention(i))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if make_attention else None
 
     def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,10 +175,8 @@ class DownBlock2D(_ResnetStack):
         make_attention: AttentionFactory | None = None,
     ):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            resnet.block(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)
-        )
-        self._build_attentions(make_attention, num_layers)
+        self._build_layers(lambda i: resnet.block(in_channels if i == 0 else out_channels, out_channels),
+                           make_attention, num_layers)
         if downsample == "conv":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
         elif downsample == "resnet":
@@ -238,13 +248,13 @@ class UpBlock2D(_ResnetStack):
         make_attention: AttentionFactory | None = None,
     ):
         super().__init__()
-        resnets = []
-        for i in range(num_layers):
+
+        def make_resnet(i: int) -> ResnetBlock2D:
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             below_channels = prev_output_channel if i == 0 else out_channels
-            resnets.append(resnet.block(below_channels + skip_channels, out_channels))
-        self.resnets = nn.ModuleList(resnets)
-        self._build_attentions(make_attention, num_layers)
+            return resnet.block(below_channels + skip_channels, out_channels)
+
+        self._build_layers(make_resnet, make_attention, num_layers)
         if upsample == "conv":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
         elif upsample == "resnet":
@@ -315,8 +325,10 @@ class UNetMidBlock2D(_ResnetStack):
             if attn_groups is None and resnet.time_scale_shift == "default":
                 attn_groups = resnet.groups
             make_attention = pixel_attentions(in_channels, attention_head_dim, resnet, attn_groups)
-        self.resnets = nn.ModuleList(resnet.block(in_channels, in_channels) for _ in range(num_layers + 1))
-        self._build_attentions(make_attention, num_layers)
+        first = resnet.block(in_channels, in_channels)  # resnet 0, then (attention i, resnet i + 1) per layer
+        self._build_layers(lambda _: resnet.block(in_channels, in_channels), make_attention, num_layers,
+                           attention_first=True)
+        self.resnets.insert(0, first)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
@@ -500,15 +512,19 @@ def get_down_block(
 
 
 def make_down_blocks(block_types: tuple[str, ...], channels: list[int], resnet: ResnetOptions,
-                     options: list[dict]) -> nn.ModuleList:
+                     options: list[dict], after_block: Callable[[int, nn.Module], None] | None = None
+                     ) -> nn.ModuleList:
     """The down blocks of a UNet (or of a ControlNet, its encoder half): block i maps ``channels[i-1]`` to ``channels[i]``
-    and halves the size, except the last; ``options[i]`` are its per-level extras (see ``get_down_block``)."""
+    and halves the size, except the last; ``options[i]`` are its per-level extras (see ``get_down_block``).
+    ``after_block(i, block)`` runs after each (the ControlNet builds its zero convs there, in diffusers' order)."""
     last = len(channels) - 1
-    return nn.ModuleList(
-        get_down_block(block_type, in_channels=channels[max(i - 1, 0)], out_channels=channels[i],
-                       add_downsample=i < last, resnet=resnet, **options[i])
-        for i, block_type in enumerate(block_types)
-    )
+    blocks = nn.ModuleList()
+    for i, block_type in enumerate(block_types):
+        blocks.append(get_down_block(block_type, in_channels=channels[max(i - 1, 0)], out_channels=channels[i],
+                                     add_downsample=i < last, resnet=resnet, **options[i]))
+        if after_block is not None:
+            after_block(i, blocks[-1])
+    return blocks
 
 
 def get_up_block(

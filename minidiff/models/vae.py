@@ -159,16 +159,22 @@ class UpDecoderBlock2D(nn.Module):
 
 class _CoderBase(nn.Module):
     """What Encoder and Decoder share: ``conv_in``, a mid block (resnet, 1-head self-attention, resnet) at the
-    lowest resolution, and the output head GroupNorm -> SiLU -> 3x3 ``conv_out``. Subclasses add their blocks and
-    say in which order the stages run."""
+    lowest resolution, and the output head GroupNorm -> SiLU -> 3x3 ``conv_out``. Subclasses add their blocks
+    (``build_blocks``, called before the mid block when ``blocks_first``, after it otherwise: diffusers' creation
+    order, so a seed gives its initial weights) and say in which order the stages run."""
 
     def __init__(self, in_channels: int, out_channels: int, block_out_channels, stem_channels: int,
-                 head_channels: int, resnet: ResnetOptions, mid_block_add_attention: bool):
+                 head_channels: int, resnet: ResnetOptions, mid_block_add_attention: bool,
+                 build_blocks: Callable[[], None], blocks_first: bool):
         super().__init__()
         bottom = block_out_channels[-1]
         self.conv_in = nn.Conv2d(in_channels, stem_channels, kernel_size=3, padding=1)
+        if blocks_first:
+            build_blocks()
         self.mid_block = UNetMidBlock2D(bottom, resnet, attention_head_dim=bottom,  # one head over all channels
                                         add_attention=mid_block_add_attention)
+        if not blocks_first:
+            build_blocks()
         self.conv_norm_out = nn.GroupNorm(resnet.groups, head_channels, eps=VAE_EPS)
         self.conv_act = nn.SiLU()  # always SiLU, whatever act_fn the resnets use (as diffusers)
         self.conv_out = nn.Conv2d(head_channels, out_channels, kernel_size=3, padding=1)
@@ -196,15 +202,19 @@ class Encoder(_CoderBase):
                  act_fn: str = "silu", double_z: bool = True, mid_block_add_attention: bool = True):
         _check_block_types("down_block_types", down_block_types, "DownEncoderBlock2D")
         resnet = ResnetOptions(temb_channels=None, groups=norm_num_groups, eps=VAE_EPS, act_fn=act_fn)
+        levels = len(block_out_channels)
+
+        def build_blocks() -> None:
+            self.down_blocks = nn.ModuleList(
+                DownEncoderBlock2D(block_out_channels[max(i - 1, 0)], block_out_channels[i], layers_per_block,
+                                   resnet, add_downsample=i < levels - 1)
+                for i in range(levels)
+            )
+
         super().__init__(in_channels, 2 * out_channels if double_z else out_channels, block_out_channels,
                          stem_channels=block_out_channels[0], head_channels=block_out_channels[-1], resnet=resnet,
-                         mid_block_add_attention=mid_block_add_attention)
-        levels = len(block_out_channels)
-        self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(block_out_channels[max(i - 1, 0)], block_out_channels[i], layers_per_block, resnet,
-                               add_downsample=i < levels - 1)
-            for i in range(levels)
-        )
+                         mid_block_add_attention=mid_block_add_attention, build_blocks=build_blocks,
+                         blocks_first=True)
 
     def stages(self) -> list[nn.Module]:
         return [*self.down_blocks, self.mid_block]
@@ -219,15 +229,19 @@ class Decoder(_CoderBase):
                  act_fn: str = "silu", mid_block_add_attention: bool = True):
         _check_block_types("up_block_types", up_block_types, "UpDecoderBlock2D")
         resnet = ResnetOptions(temb_channels=None, groups=norm_num_groups, eps=VAE_EPS, act_fn=act_fn)
+        channels = list(reversed(block_out_channels))
+
+        def build_blocks() -> None:
+            self.up_blocks = nn.ModuleList(
+                UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], layers_per_block + 1, resnet,
+                                 add_upsample=i < len(channels) - 1)
+                for i in range(len(channels))
+            )
+
         super().__init__(in_channels, out_channels, block_out_channels, stem_channels=block_out_channels[-1],
                          head_channels=block_out_channels[0], resnet=resnet,
-                         mid_block_add_attention=mid_block_add_attention)
-        channels = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList(
-            UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], layers_per_block + 1, resnet,
-                             add_upsample=i < len(channels) - 1)
-            for i in range(len(channels))
-        )
+                         mid_block_add_attention=mid_block_add_attention, build_blocks=build_blocks,
+                         blocks_first=False)
 
     def stages(self) -> list[nn.Module]:
         return [self.mid_block, *self.up_blocks]
