@@ -108,3 +108,15 @@ def test_diffusers_full_loop_sums(name, options, with_noise, expected_sum, expec
     compare(name, "diffusers' expected full-loop sums", torch.tensor(result_sum), torch.tensor(expected_sum), 1e-2,
             "abs")
     assert abs(result_mean - expected_mean) < mean_tol
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_heun_custom_timesteps(prediction_type):
+    """``set_timesteps(timesteps=[...])``: an uneven custom schedule, doubled as Heun's own (diffusers' test)."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    mine, ref = md.HeunDiscreteScheduler(**config), diffusers.HeunDiscreteScheduler(**config)
+    for scheduler in (mine, ref):
+        scheduler.set_timesteps(timesteps=[999, 850.5, 600, 301, 120, 15])
+    compare_exact("HeunDiscreteScheduler", "custom timesteps", mine.timesteps, ref.timesteps)
+    compare_exact("HeunDiscreteScheduler", "custom timesteps: sigmas", mine.sigmas, ref.sigmas)
+    run_side_by_side("HeunDiscreteScheduler", f"custom timesteps ({prediction_type})", mine, ref)

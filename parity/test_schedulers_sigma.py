@@ -552,3 +552,15 @@ def test_euler_custom_timesteps_and_sigmas(options, custom):
     compare_exact("EulerDiscreteScheduler", f"custom {custom}: timesteps", mine.timesteps, ref.timesteps)
     compare_exact("EulerDiscreteScheduler", f"custom {custom}: sigmas", mine.sigmas, ref.sigmas)
     run_side_by_side("EulerDiscreteScheduler", f"custom {custom} {options}", mine, ref)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(solver_order=3, final_sigmas_type="sigma_min"),
+                                     dict(algorithm_type="sde-dpmsolver++", prediction_type="v_prediction")])
+def test_dpm_solver_custom_timesteps(options):
+    """DPMSolverMultistepScheduler.set_timesteps(timesteps=[...]) (diffusers' custom integer schedule)."""
+    mine, ref = md.DPMSolverMultistepScheduler(**options), diffusers.DPMSolverMultistepScheduler(**options)
+    for scheduler in (mine, ref):
+        scheduler.set_timesteps(timesteps=[999, 850, 600, 301, 120, 15])
+    compare_exact("DPMSolverMultistepScheduler", "custom timesteps", mine.timesteps, ref.timesteps)
+    compare_exact("DPMSolverMultistepScheduler", "custom timesteps: sigmas", mine.sigmas, ref.sigmas)
+    run_side_by_side("DPMSolverMultistepScheduler", f"custom timesteps {options}", mine, ref)

@@ -180,12 +180,14 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
     def _predicts_data(self) -> bool:
         return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """The shared VP-solver schedule (:meth:`VPSolverMixin._solver_schedule`), then the final sigma: 0 or the
-        smallest training sigma (``final_sigmas_type``)."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None) -> None:
+        """The shared VP-solver schedule (:meth:`VPSolverMixin._solver_schedule`; or custom descending integer
+        ``timesteps``, as in diffusers), then the final sigma: 0 or the smallest training sigma
+        (``final_sigmas_type``)."""
         config = self.config
         self._begin_run()
-        timesteps, sigmas = self._solver_schedule(num_inference_steps)
+        timesteps, sigmas = self._solver_schedule(num_inference_steps, timesteps)
         final_sigma = self._smallest_training_sigma() if config.final_sigmas_type == "sigma_min" else 0.0
         self._store_schedule(timesteps, sigmas, final_sigma, device)
 

@@ -52,10 +52,12 @@ class HeunDiscreteScheduler(TwoStageSchedulerMixin):
         self._init_noise_schedule()
         self.set_timesteps(config.num_train_timesteps)  # as diffusers: step() walks it until set_timesteps(N)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """The base schedule with a final sigma of 0, each level after the first listed twice (one per call)."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[float] | None = None) -> None:
+        """The base schedule (or custom descending ``timesteps``, as in diffusers) with a final sigma of 0, each
+        level after the first listed twice (one per call)."""
         self._begin_run()
-        timesteps, sigmas, _ = self._base_schedule(num_inference_steps)
+        timesteps, sigmas, _ = self._base_schedule(num_inference_steps, timesteps)
         self.sigmas = doubled_sigmas(with_final_sigma(sigmas, 0.0))
         self.timesteps = doubled(torch.from_numpy(timesteps)).to(device=device, dtype=torch.float32)
         self.prev_derivative = self.dt = None

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.schedulers.betas import check_num_inference_steps
+from minidiff.schedulers.betas import check_custom_timesteps, check_num_inference_steps
 from minidiff.schedulers.sigmas import (
     SigmaSchedulerMixin,
+    check_schedule_arguments,
     float_timesteps,
     interpolate_sigmas,
     respaced_sigmas,
@@ -43,14 +44,22 @@ class TwoStageSchedulerMixin(SigmaSchedulerMixin):
         """True when the next call is a step's first model evaluation."""
         return self.sample is None
 
-    def _base_schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """N float timesteps per ``timestep_spacing`` and their sigmas (interpolated, or Karras / exponential / beta
-        with the timesteps found back by log-sigma interpolation), plus the training log-sigmas."""
+    def _base_schedule(self, num_inference_steps: int | None,
+                       timesteps: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """N float timesteps per ``timestep_spacing`` (or the custom ``timesteps``) and their sigmas (interpolated,
+        or Karras / exponential / beta with the timesteps found back by log-sigma interpolation), plus the training
+        log-sigmas."""
         config = self.config
-        N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+        check_schedule_arguments(type(self).__name__, config, num_inference_steps, timesteps, None)
+        if timesteps is None:
+            N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+            timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset,
+                                        self.timestep_dtype)
+        else:
+            timesteps = check_custom_timesteps(timesteps, config.num_train_timesteps, integers=False)
+            timesteps = timesteps.astype(np.float32)
+            N = len(timesteps)
         self.num_inference_steps = N
-        timesteps = float_timesteps(config.timestep_spacing, config.num_train_timesteps, N, config.steps_offset,
-                                    self.timestep_dtype)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         log_train_sigmas = np.log(train_sigmas)
         sigmas = interpolate_sigmas(timesteps, train_sigmas)

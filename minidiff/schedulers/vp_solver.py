@@ -17,9 +17,15 @@ import numpy as np
 import torch
 
 from minidiff.schedulers.base import check_same_shape
-from minidiff.schedulers.betas import check_num_inference_steps, integer_timesteps, threshold_sample
+from minidiff.schedulers.betas import (
+    check_custom_timesteps,
+    check_num_inference_steps,
+    integer_timesteps,
+    threshold_sample,
+)
 from minidiff.schedulers.sigmas import (
     SigmaSchedulerMixin,
+    check_schedule_arguments,
     check_sigma_spacing,
     interpolate_sigmas,
     respaced_sigmas,
@@ -78,18 +84,25 @@ class VPSolverMixin(SigmaSchedulerMixin):
         self.lower_order_nums = 0
 
     # ---- the schedule ---------------------------------------------------------------------------------------------
-    def _solver_schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """N integer timesteps (spacing per config, ending above t = 0, below any ``lambda_min_clipped`` cut) and
-        their sigmas: interpolated at them, or respaced (Karras, exponential, beta) with the timesteps found back by
-        log-sigma interpolation. Returns (timesteps, sigmas) without the final sigma, which each solver chooses."""
+    def _solver_schedule(self, num_inference_steps: int | None,
+                         timesteps: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """N integer timesteps (spacing per config, ending above t = 0, below any ``lambda_min_clipped`` cut; or the
+        custom ``timesteps``) and their sigmas: interpolated at them, or respaced (Karras, exponential, beta) with
+        the timesteps found back by log-sigma interpolation. Returns (timesteps, sigmas) without the final sigma,
+        which each solver chooses."""
         config = self.config
-        N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+        check_schedule_arguments(type(self).__name__, config, num_inference_steps, timesteps, None)
         lambda_min = getattr(config, "lambda_min_clipped", -float("inf"))
         clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), lambda_min))
         if clipped >= config.num_train_timesteps:
             raise ValueError(f"lambda_min_clipped={lambda_min} clips away every training timestep "
                              f"(the largest lambda is {float(self.lambda_t.max()):.4g}); use a smaller value")
-        timesteps = solver_timesteps(config, N, config.num_train_timesteps - clipped)
+        if timesteps is None:
+            N = check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
+            timesteps = solver_timesteps(config, N, config.num_train_timesteps - clipped)
+        else:
+            timesteps = check_custom_timesteps(timesteps, config.num_train_timesteps)
+            N = len(timesteps)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         sigmas = respaced_sigmas(config, train_sigmas[::-1], N)
         if sigmas is None:
