@@ -386,3 +386,31 @@ def test_head_slicing_matches_diffusers(tmp_path, slice_size):
     args = inputs("UNet2DConditionModel", config)
     args["encoder_attention_mask"] = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
     compare_models("UNet2DConditionModel", f"set_attention_slice({slice_size!r})", reference, ours, args)
+
+
+def test_attention_processors_map_onto_backends(tmp_path):
+    """diffusers' processor API: the same ``attn_processors`` keys; diffusers' own processor objects (one for all,
+    or a dict) choose minidiff's kernels, and the outputs match diffusers' with those processors."""
+    from diffusers.models import attention_processor as theirs
+
+    from minidiff.models import attention_processor as mine_processors
+
+    config = dict(CONDITION_CASES["diffusers test config"], block_out_channels=[16, 32], attention_head_dim=[4, 8])
+    reference, ours = reference_and_minidiff("UNet2DConditionModel", config, tmp_path)
+    assert sorted(ours.attn_processors) == sorted(reference.attn_processors)
+    args = inputs("UNet2DConditionModel", config)
+    for processor in (theirs.AttnProcessor(), theirs.AttnProcessor2_0(), theirs.SlicedAttnProcessor(3)):
+        ours.set_attn_processor(processor)
+        reference.set_attn_processor(processor)
+        assert {type(p).__name__ for p in ours.attn_processors.values()} == {type(processor).__name__}
+        compare_models("UNet2DConditionModel", f"set_attn_processor({type(processor).__name__})", reference, ours,
+                       args, gradients=False)
+    ours.set_attn_processor({key: mine_processors.BackendProcessor("chunked") for key in ours.attn_processors})
+    ours.set_default_attn_processor()
+    reference.set_default_attn_processor()
+    compare_models("UNet2DConditionModel", "set_default_attn_processor", reference, ours, args, gradients=False)
+    with pytest.raises(ValueError, match=r"the attention processor XFormersAttnProcessor runs code of its own.*"
+                                         r"minidiff.ops.register_backend"):
+        ours.set_attn_processor(theirs.XFormersAttnProcessor())
+    with pytest.raises(ValueError, match=r"a dict of processors needs one entry per attention layer.* got 1"):
+        ours.set_attn_processor({"conv_in.processor": theirs.AttnProcessor()})

@@ -14,11 +14,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from einops import rearrange
 from torch import nn
 
 from minidiff import ops
+from minidiff.models.attention_processor import AttnProcessor, apply_processor, processor_of
 from minidiff.models.modeling import checkpointed
 
 
@@ -291,6 +294,33 @@ class AttentionBackendMixin:
         """Back to the global default backend and no per-model slice size."""
         for module in self.attention_modules():
             module.backend, module.chunk_size = None, None
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        """diffusers' ``{"<module path>.processor": processor}``, one per attention layer: objects that name each
+        layer's kernel (see ``minidiff.models.attention_processor``)."""
+        return {f"{name}.processor": processor_of(module) for name, module in self._named_attention_modules()}
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Choose the kernel of every attention layer (one processor) or of each (a dict keyed like
+        ``attn_processors``): ``AttnProcessor``/``AttnProcessor2_0``/``SlicedAttnProcessor`` (minidiff's or
+        diffusers') or ``BackendProcessor(name)``; processors with code of their own are refused, naming the fix."""
+        modules = dict(self._named_attention_modules())
+        if isinstance(processor, dict):
+            keys = {f"{name}.processor" for name in modules}
+            if set(processor) != keys:
+                raise ValueError(f"a dict of processors needs one entry per attention layer, keyed as attn_processors "
+                                 f"({len(keys)} keys); got {len(processor)}, e.g. {sorted(set(processor) ^ keys)[:2]}")
+        for name, module in modules.items():
+            key = f"{name}.processor"
+            apply_processor(module, processor[key] if isinstance(processor, dict) else processor, key)
+
+    def set_default_attn_processor(self) -> None:
+        """diffusers' reset to its plain ``AttnProcessor``: the ``math`` backend, no slicing, in every layer."""
+        self.set_attn_processor(AttnProcessor())
+
+    def _named_attention_modules(self) -> list[tuple[str, Attention]]:
+        return [(name, module) for name, module in self.named_modules() if isinstance(module, Attention)]
 
     def set_attention_slice(self, slice_size: int | str | list[int | None] | None) -> None:
         """diffusers' head slicing: each attention attends ``slice_size`` of its batch x heads score matrices at a
