@@ -157,14 +157,16 @@ class UNetBase(AttentionBackendMixin, ModelMixin):
 
     def _build_blocks(self, resnet: ResnetOptions, down_options: list[dict], up_options: list[dict],
                       make_mid_block: Callable[[], nn.Module | None]) -> None:
-        """``down_blocks``, ``mid_block``, ``up_blocks`` from the config, in that order (diffusers', so a seed gives
-        its initial weights); ``*_options[i]`` are the per-level extras of block i."""
+        """``down_blocks``, ``mid_block``, ``up_blocks`` from the config, created in that order and registered as
+        down, up, mid (both diffusers' orders: a seed gives its initial weights, and module walks such as
+        ``attn_processors`` list the layers as it does); ``*_options[i]`` are the per-level extras of block i."""
         channels = list(self.config.block_out_channels)
         last = len(channels) - 1
         self.down_blocks = make_down_blocks(self.config.down_block_types, channels, resnet, down_options)
+        self.up_blocks = nn.ModuleList()
         self.mid_block = make_mid_block()
         reversed_channels = channels[::-1]
-        self.up_blocks = nn.ModuleList(
+        self.up_blocks.extend(
             get_up_block(block_type, in_channels=reversed_channels[min(i + 1, last)],
                          prev_output_channel=reversed_channels[max(i - 1, 0)], out_channels=reversed_channels[i],
                          add_upsample=i < last, resnet=resnet, **up_options[i])

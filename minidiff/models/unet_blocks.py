@@ -138,8 +138,8 @@ class _ResnetStack(nn.Module):
             resnets.append(make_resnet(i))
             if make_attention and not attention_first:
                 attentions.append(make_attention(i))
+        self.attentions = nn.ModuleList(attentions) if make_attention else None  # registered first, as diffusers
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions) if make_attention else None
 
     def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
