@@ -187,3 +187,28 @@ def test_unconditional_pipelines(tmp_path, pixel_unet, name, kwargs):
     ours = mine(generator=torch.Generator().manual_seed(0), **args).images
     theirs = reference(generator=torch.Generator().manual_seed(0), **args).images
     compare(name, f"8 steps {kwargs}" if kwargs else "8 steps", ours, theirs, NP_TOL, "abs")
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"])
+def test_lcm_distilled_unet(tmp_path, pipeline):
+    """An LCM-distilled UNet (``time_cond_proj_dim``, Luo et al. 2023): no CFG batch; the guidance scale enters as
+    the ``timestep_cond`` embedding, with the LCM scheduler, as diffusers runs it (LCM_Dreamshaper-style)."""
+    from parity.pipeline_fixtures import reference_components
+
+    components = reference_components(tmp_path)
+    config = dict(components["unet"].config)
+    torch.manual_seed(0)
+    components["unet"] = diffusers.UNet2DConditionModel(**{**config, "time_cond_proj_dim": 32}).eval()
+    randomize_(components["unet"], 7)
+    components["scheduler"] = diffusers.LCMScheduler.from_config(components["scheduler"].config)
+    reference = getattr(diffusers, pipeline)(**components, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(tmp_path / "lcm")
+    mine = load_minidiff(getattr(minidiff, pipeline), tmp_path / "lcm")
+    assert type(mine.scheduler).__name__ == "LCMScheduler"
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=8.0)
+    kwargs.update(dict(image=make_image(32), strength=0.75) if "Img2Img" in pipeline else dict(height=32, width=32))
+    ours, theirs = run_both(reference, mine, **kwargs)
+    compare("StableDiffusionPipeline", f"{pipeline} with an LCM-distilled UNet (w embedding)", ours, theirs, NP_TOL,
+            "abs")

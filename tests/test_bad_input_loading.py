@@ -110,7 +110,7 @@ def test_integer_and_nan_weights_in_a_single_file_are_refused(pipeline_folder, t
         load_single_file(path, config=folder, components=("vae",))
 
 
-@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "SchedulerMixin", "ddim", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "SchedulerMixin", "ddim", "ScoreSdeVeScheduler"])
 def test_single_file_config_folder_scheduler_class_is_allow_listed(pipeline_folder, pipe_copy, tmp_path, class_name):
     path = pipe_copy / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": class_name}))

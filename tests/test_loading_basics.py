@@ -91,3 +91,16 @@ def test_load_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         Thing.load_config(tmp_path)
+
+
+def test_a_pipeline_folder_may_name_every_scheduler():
+    """Every scheduler class minidiff has can be named by a folder's model_index.json (the allow-list)."""
+    import minidiff.schedulers as schedulers
+    from minidiff.loading.components import SCHEDULER_CLASSES, component_class
+    from minidiff.schedulers.base import SchedulerMixin
+
+    have = {name for name in dir(schedulers) if isinstance(getattr(schedulers, name), type)
+            and issubclass(getattr(schedulers, name), SchedulerMixin) and name.endswith("Scheduler")
+            and name != "SchedulerMixin"}
+    assert have == set(SCHEDULER_CLASSES)
+    assert all(component_class("scheduler", name) is getattr(schedulers, name) for name in have)

@@ -46,7 +46,7 @@ def cond_inputs(batch=2, size=16, seed=0):
     (UNet2DConditionModel, dict(COND, attention_type="gated"), r"attention_type='gated' .* accepted values: 'default'"),
     (UNet2DConditionModel, dict(COND, dual_cross_attention=True), r"dual_cross_attention=True .* accepted values: False"),
     (UNet2DConditionModel, dict(COND, encoder_hid_dim=32), r"encoder_hid_dim=32"),
-    (UNet2DConditionModel, dict(COND, time_cond_proj_dim=8), r"time_cond_proj_dim=8"),
+    (UNet2DConditionModel, dict(COND, time_cond_proj_dim=0), r"time_cond_proj_dim=0 is invalid: must be an int >= 1"),
     (UNet2DConditionModel, dict(COND, cross_attention_norm="group_norm"), r"cross_attention_norm='group_norm'"),
     (UNet2DConditionModel, dict(COND, mid_block_type="UNetMidBlock2DSimpleCrossAttn"),
      r"mid_block_type='UNetMidBlock2DSimpleCrossAttn' is not supported; accepted values: 'UNetMidBlock2DCrossAttn'"),
@@ -100,8 +100,13 @@ def test_encoder_hidden_states_errors(unet):
         unet(sample, 1)
     with pytest.raises(ValueError, match=r"cross_attention_kwargs \['gligen'\] are not supported"):
         unet(sample, 1, torch.randn(2, 5, 12), cross_attention_kwargs={"gligen": {}})
-    with pytest.raises(ValueError, match=r"timestep_cond is not supported"):
+    with pytest.raises(ValueError, match=r"timestep_cond was given but this UNet2DConditionModel has no "
+                                         r"time_cond_proj_dim \(only LCM-distilled UNets"):
         unet(sample, 1, torch.randn(2, 5, 12), timestep_cond=torch.zeros(2, 4))
+    lcm = UNet2DConditionModel(**COND, time_cond_proj_dim=4)
+    with pytest.raises(ValueError, match=r"timestep_cond must be a tensor of shape \(B=2, time_cond_proj_dim=4\), "
+                                         r"got \(2, 5\)"):
+        lcm(sample, 1, torch.randn(2, 5, 12), timestep_cond=torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"added_cond_kwargs=\['time_ids'\] given, but this UNet2DConditionModel "
                                          r"has no added conditioning"):
         unet(sample, 1, torch.randn(2, 5, 12), added_cond_kwargs={"time_ids": torch.zeros(2, 6)})

@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib
 
 SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler")
+                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                     "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler",
+                     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                     "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler")  # every scheduler minidiff has
 # The only names a folder's files can resolve to, per component: (module, class names); nothing else is reachable.
 COMPONENT_CLASSES = {
     "unet": ("minidiff.models", ("UNet2DConditionModel", "UNet2DModel")),

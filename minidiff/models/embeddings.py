@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minidiff.configuration import check_choice
@@ -86,8 +87,22 @@ class GaussianFourierProjection(nn.Module):
         return torch.cat([cos, sin] if self.flip_sin_to_cos else [sin, cos], dim=-1)  # (N, 2E)
 
 
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32):
+    """LCM's embedding of the guidance weights ``w`` (B,): sinusoids of 1000 w at frequencies
+    ``10000^(-k / (embedding_dim/2 - 1))``, ``[sin, cos]`` (Luo et al. 2023, Sec. 4.2; VDM's Fourier features),
+    zero-padded to an odd ``embedding_dim``. (B,) -> (B, embedding_dim)."""
+    half = embedding_dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (w * 1000.0).to(dtype)[:, None] * frequencies[None, :]  # (B, half)
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, 2 * half)
+    return F.pad(embedding, (0, 1)) if embedding_dim % 2 else embedding
+
+
 class TimestepEmbedding(nn.Module):
-    """``linear_2(act(linear_1(x)))`` (then ``post_act`` if given): features -> time embedding vector."""
+    """``linear_2(act(linear_1(x)))`` (then ``post_act`` if given): features -> time embedding vector.
+
+    ``cond_proj_dim``: a bias-free ``cond_proj`` adds a projected ``condition`` to the features first (LCM's
+    guidance-scale embedding w, Luo et al. 2023, "Latent Consistency Models", Sec. 4.2)."""
 
     def __init__(
         self,
@@ -96,14 +111,18 @@ class TimestepEmbedding(nn.Module):
         act_fn: str = "silu",
         out_dim: int | None = None,
         post_act_fn: str | None = None,
+        cond_proj_dim: int | None = None,
     ):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
         self.act = get_activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
         self.post_act = get_activation(post_act_fn) if post_act_fn is not None else None
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            sample = sample + self.cond_proj(condition)  # (B, cond_proj_dim) -> (B, in_channels)
         sample = self.linear_2(self.act(self.linear_1(sample)))
         return self.post_act(sample) if self.post_act is not None else sample
 

@@ -10,7 +10,7 @@ embedding. A ControlNet (minidiff.models.controlnet) is a copy of this UNet's en
 (``TextConditionedEncoderMixin``, ``level_options``, ``make_mid_block``); its residuals enter ``forward`` as
 ``down_block_additional_residuals`` / ``mid_block_additional_residual``. Config fields and state_dict keys are
 diffusers' ones; fields of diffusers' config that select features minidiff does not implement (Kandinsky's
-projections, LCM's timestep_cond, ...) are accepted at their default value and rejected with a ValueError otherwise.
+projections, dual cross-attention, ...) are accepted at their default value and rejected with a ValueError otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ UNSUPPORTED_FIELDS = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "addition_embed_type": (None, "text_time"),
-    "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
 }
@@ -228,7 +227,7 @@ class TextConditionedEncoderMixin:
             self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
             timestep_input_dim = channels[0]
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=c.act_fn,
-                                                post_act_fn=c.timestep_post_act)
+                                                post_act_fn=c.timestep_post_act, cond_proj_dim=c.time_cond_proj_dim)
         self.class_embedding = make_class_embedding(
             c.class_embed_type, c.num_class_embeds, time_embed_dim, timestep_input_dim, c.act_fn,
             c.projection_class_embeddings_input_dim,
@@ -314,21 +313,35 @@ class TextConditionedEncoderMixin:
         time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n * addition_time_embed_dim)
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))  # (B, time_embed_dim)
 
+    def _check_timestep_cond(self, timestep_cond: torch.Tensor | None, sample: torch.Tensor) -> None:
+        """LCM's guidance embedding: (B, time_cond_proj_dim) for a UNet built with time_cond_proj_dim, else None."""
+        dim = getattr(self.encoder_config, "time_cond_proj_dim", None)
+        if timestep_cond is None:
+            return
+        if dim is None:
+            raise ValueError(f"timestep_cond was given but this {type(self).__name__} has no time_cond_proj_dim "
+                             "(only LCM-distilled UNets take a guidance embedding); pass None")
+        if not torch.is_tensor(timestep_cond) or tuple(timestep_cond.shape) != (sample.shape[0], dim):
+            shape = tuple(timestep_cond.shape) if torch.is_tensor(timestep_cond) else type(timestep_cond).__name__
+            raise ValueError(f"timestep_cond must be a tensor of shape (B={sample.shape[0]}, time_cond_proj_dim="
+                             f"{dim}), got {shape}")
+        check_input_dtype("timestep_cond", timestep_cond, self.dtype)
+
     def _check_conditioning(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                             added_cond_kwargs: dict | None, timestep_cond: torch.Tensor | None) -> None:
-        if timestep_cond is not None:
-            raise ValueError(f"timestep_cond is not supported by minidiff's {type(self).__name__} (no LCM "
-                             "time_cond_proj_dim); pass None")
         self._check_sample(sample)
+        self._check_timestep_cond(timestep_cond, sample)
         self._check_encoder_hidden_states(sample, encoder_hidden_states)
         self._check_added_cond_kwargs(added_cond_kwargs, sample)
 
     def _embed(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None,
-               added_cond_kwargs: dict | None) -> torch.Tensor:
-        """The embedding every resnet sees (B, time_embed_dim): MLP(sinusoids of t) + class and SDXL embeddings."""
+               added_cond_kwargs: dict | None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding every resnet sees (B, time_embed_dim): MLP(sinusoids of t [+ LCM's projected
+        ``timestep_cond``]) + class and SDXL embeddings."""
         c = self.encoder_config
         timesteps = batch_timesteps(timestep, sample.shape[0], sample.device, torch.float64)  # (B,)
-        emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, C0) -> (B, time_embed_dim)
+        t_emb = self.time_proj(timesteps).to(sample.dtype)  # (B, C0)
+        emb = self.time_embedding(t_emb, timestep_cond)  # (B, C0) -> (B, time_embed_dim)
         class_emb = self._class_embedding(class_labels, sample.dtype, sample.shape[0])
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
@@ -397,6 +410,7 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
             isinstance(d, (list, tuple)) for d in depths
         ):
             raise ValueError("per-layer transformer_layers_per_block lists need reverse_transformer_layers_per_block")
+        check_ints(c, "time_cond_proj_dim")
         check_ints(c, "cross_attention_dim", "attention_head_dim", "num_attention_heads", "conv_in_kernel",
                    "conv_out_kernel", "projection_class_embeddings_input_dim", "addition_time_embed_dim")
         check_ints(c, "transformer_layers_per_block", "reverse_transformer_layers_per_block", minimum=0)
@@ -531,8 +545,8 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         ``cross_attention_kwargs={"scale": s}`` scales the unfused LoRA adapters for this call (as diffusers).
         ``added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, n)}``: SDXL's added conditioning, required by a
         ``text_time`` UNet (P + n * addition_time_embed_dim = projection_class_embeddings_input_dim) and refused by
-        others. ``timestep_cond`` is accepted so that diffusers' pipeline code calls this UNet unchanged; it must be
-        None (no LCM inputs). ``down_block_additional_residuals`` / ``mid_block_additional_residual``: a
+        others. ``timestep_cond (B, time_cond_proj_dim)``: an LCM-distilled UNet's guidance-scale embedding
+        (``guidance_scale_embedding``), None for other UNets. ``down_block_additional_residuals`` / ``mid_block_additional_residual``: a
         ControlNetModel's outputs, added to the skip tensors and to the mid block's output.
         ``encoder_attention_mask (B, tokens)``: 1 keeps a text token, 0 hides it from every cross-attention (a bias of
         -10000 on its scores, as diffusers)."""
@@ -543,7 +557,7 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
             sample = 2 * sample - 1.0
 
         with scaled_lora(self, lora_scale):  # every adapted layer, the time/class embeddings too (as diffusers)
-            emb = self._embed(sample, timestep, class_labels, added_cond_kwargs)  # (B, time_embed_dim)
+            emb = self._embed(sample, timestep, class_labels, added_cond_kwargs, timestep_cond)  # (B, time_embed_dim)
             output = self._unet(sample, emb, encoder_hidden_states, down_block_additional_residuals,
                                 mid_block_additional_residual,
                                 text_token_bias(encoder_attention_mask, encoder_hidden_states, sample.dtype))

@@ -297,7 +297,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         """The UNet's (guided) noise prediction at x_t with the ControlNets' residuals added; ``keep`` is this
         step's row of :func:`control_keep` (0 turns a net off outside its window)."""
         step_scales = [scale * kept for scale, kept in zip(scales, keep)]
-        down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, guidance_scale > 1.0)
+        down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, self.uses_cfg(guidance_scale))
         return self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra_channels, step=step,
                                   cross_attention_kwargs=cross_attention_kwargs,
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -353,7 +353,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         check_sampling_arguments(num_inference_steps, guidance_scale, num_images_per_prompt, eta, 0.0, generator)
         scales, starts, ends, guess_mode = self._control_options(controlnet_conditioning_scale, guess_mode,
                                                                  control_guidance_start, control_guidance_end)
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         self.images_per_net(image)  # a missing image is reported before any work
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip, cross_attention_kwargs)

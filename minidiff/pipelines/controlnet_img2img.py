@@ -82,7 +82,7 @@ class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionControlNetPipeline
             raise ValueError(f"{type(self).__name__} needs image=: the init image (PIL image, numpy array, tensor "
                              "or file path) that strength noises; the condition goes in control_image=")
         self.images_per_net(control_image, "control_image")  # a missing control image is reported before any work
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip, cross_attention_kwargs)
         pixels = preprocess_image(image, height, width, self.vae_scale_factor)  # (n, 3, H, W) in [-1, 1]
@@ -182,7 +182,7 @@ class StableDiffusionControlNetInpaintPipeline(StableDiffusionControlNetPipeline
         channels = self.inpaint_channels()
         pixels, mask = self.inpaint_pixels(image, mask_image, height, width)
         self.images_per_net(control_image, "control_image")  # a missing control image is reported before any work
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip, cross_attention_kwargs)
         conds = self.prepare_control_images(control_image, height, width, batch, prompt_batch(prompt, prompt_embeds),

@@ -152,7 +152,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         self.check_unet_channels()
         if image is None:
             raise ValueError("depth2img needs an image (PIL image, numpy array, tensor or file path)")
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip, cross_attention_kwargs)
         pixels = preprocess_image(image, scale=self.vae_scale_factor).to(device=device, dtype=text.dtype)

@@ -116,7 +116,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             raise ValueError(f"image is {image_size} (h, w) but mask_image is {mask_size}; they must match")
         channels = self.inpaint_channels()
         height, width = self.default_size(height, width)
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         text, batch = self.text_conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                              num_images_per_prompt, guidance_scale, clip_skip,
                                              cross_attention_kwargs, prompt_weighting)

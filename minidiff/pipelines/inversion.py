@@ -42,7 +42,7 @@ class StableDiffusionDDIMInversionPipeline(StableDiffusionBase):
     def _text(self, prompt, guidance_scale: float, negative_prompt=None) -> torch.Tensor:
         check_prompt_text("prompt", prompt, allow_none=False)
         check_guidance_scale(guidance_scale)
-        return self._encode_prompt(prompt, self.device, 1, guidance_scale > 1.0, negative_prompt)
+        return self._encode_prompt(prompt, self.device, 1, self.uses_cfg(guidance_scale), negative_prompt)
 
     def image_to_latents(self, image: Any, guidance_scale: float = 1.0) -> torch.Tensor:
         """The VAE posterior mean, scaled: inversion wants a deterministic starting point."""

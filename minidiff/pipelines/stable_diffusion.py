@@ -17,6 +17,7 @@ import torch
 from minidiff.adapters.lora import scaled_lora
 from minidiff.adapters.lora_loader import StableDiffusionLoraLoaderMixin
 from minidiff.adapters.textual_inversion import TextualInversionLoaderMixin
+from minidiff.models.embeddings import guidance_scale_embedding
 from minidiff.outputs import BaseOutput
 from minidiff.pipelines.base import DiffusionPipeline
 from minidiff.pipelines.checks import (
@@ -201,7 +202,7 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
                           cross_attention_kwargs: dict | None = None, prompt_weighting: str | None = None):
         """(text embeddings for the UNet, number of images): with CFG the batch is [negative, positive].
         The LoRA ``scale`` in ``cross_attention_kwargs`` applies to the text encoder too, as in diffusers."""
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.uses_cfg(guidance_scale)
         lora_scale = self.text_lora_scale(cross_attention_kwargs)
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt,
                                                 prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
@@ -227,9 +228,28 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
 
     guided_copies = 2  # UNet inputs per image with guidance: [uncond, cond]
 
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance runs for ``guidance_scale > 1``, except with an LCM-distilled UNet
+        (``time_cond_proj_dim``), which takes the scale as an embedding instead (as diffusers)."""
+        return guidance_scale > 1.0 and self._guidance_embedding_dim() is None
+
+    def guidance_condition(self, guidance_scale: float, model_input: torch.Tensor) -> torch.Tensor | None:
+        """An LCM-distilled UNet's ``timestep_cond``: the embedding of w = guidance_scale - 1 per row of
+        ``model_input`` (diffusers' convention); None for other UNets."""
+        dim = self._guidance_embedding_dim()
+        if dim is None:
+            return None
+        w = torch.full((model_input.shape[0],), guidance_scale - 1.0)
+        return guidance_scale_embedding(w, dim).to(device=model_input.device, dtype=model_input.dtype)
+
+    get_guidance_scale_embedding = staticmethod(guidance_scale_embedding)  # diffusers' name
+
+    def _guidance_embedding_dim(self) -> int | None:
+        return getattr(self.unet.config, "time_cond_proj_dim", None)  # a stand-in UNet may lack the key
+
     def check_memory(self, batch: int, height: int, width: int, guidance_scale: float) -> None:
         """Refuse (before any work) a size whose estimated activation memory exceeds the available memory."""
-        copies = self.guided_copies if guidance_scale > 1.0 else 1
+        copies = self.guided_copies if self.uses_cfg(guidance_scale) else 1
         check_activation_memory(self.unet, self.vae, batch, height, width, copies, self.device)
 
     def prepare_latents(self, batch_size: int, num_channels: int, height: int, width: int, dtype, device, generator,
@@ -270,7 +290,7 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         so do ControlNet residuals (``down_block_additional_residuals``, ``mid_block_additional_residual``,
         batched like the UNet's input). ``step`` (the loop index) only names the step in the error raised for a
         NaN/Inf prediction."""
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.uses_cfg(guidance_scale)
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:  # inpainting UNets: cat([latents, mask, masked image latents], dim=1)
@@ -279,6 +299,9 @@ class StableDiffusionBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         if down_block_additional_residuals is not None or mid_block_additional_residual is not None:
             added.update(down_block_additional_residuals=down_block_additional_residuals,
                          mid_block_additional_residual=mid_block_additional_residual)
+        timestep_cond = self.guidance_condition(guidance_scale, model_input)
+        if timestep_cond is not None:
+            added["timestep_cond"] = timestep_cond
         noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
                                cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **added)[0]
         check_finite(noise_pred, f"UNet output at step {step} (t={int(t)})")

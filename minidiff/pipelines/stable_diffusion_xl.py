@@ -428,7 +428,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
                                  generator)
         check_fraction("denoising_end", denoising_end)
         check_tensor_inputs(callback_on_step_end_tensor_inputs)
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         encoded = self.encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt,
                                      negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                      negative_pooled_prompt_embeds, self.text_lora_scale(cross_attention_kwargs),

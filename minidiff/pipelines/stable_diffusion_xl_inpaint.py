@@ -113,7 +113,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline, StableD
         check_latents("masked_image_latents", masked_image_latents)
         channels = self._check_inpaint_inputs(image, mask_image, padding_mask_crop, latents, denoising_start)
         height, width = self.default_size(height, width)
-        device, do_cfg = self.device, guidance_scale > 1.0
+        device, do_cfg = self.device, self.uses_cfg(guidance_scale)
         encoded = self.encode_prompt(prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt,
                                      negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                      negative_pooled_prompt_embeds, self.text_lora_scale(cross_attention_kwargs),
