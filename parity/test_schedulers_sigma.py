@@ -564,3 +564,18 @@ def test_dpm_solver_custom_timesteps(options):
     compare_exact("DPMSolverMultistepScheduler", "custom timesteps", mine.timesteps, ref.timesteps)
     compare_exact("DPMSolverMultistepScheduler", "custom timesteps: sigmas", mine.sigmas, ref.sigmas)
     run_side_by_side("DPMSolverMultistepScheduler", f"custom timesteps {options}", mine, ref)
+
+
+@pytest.mark.parametrize("steps", [4, 15, 25])
+@pytest.mark.parametrize("options", [dict(), dict(prediction_type="v_prediction", algorithm_type="sde-dpmsolver++"),
+                                     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          solver_order=3, final_sigmas_type="zero")])
+def test_dpm_solver_lu_lambdas(options, steps):
+    """``use_lu_lambdas``: DPM-Solver's uniform-lambda step sizes, timesteps rounded, as diffusers."""
+    mine = md.DPMSolverMultistepScheduler(use_lu_lambdas=True, **options)
+    ref = diffusers.DPMSolverMultistepScheduler(use_lu_lambdas=True, **options)
+    for scheduler in (mine, ref):
+        scheduler.set_timesteps(steps)
+    compare_exact("DPMSolverMultistepScheduler", "use_lu_lambdas: timesteps", mine.timesteps, ref.timesteps)
+    compare_exact("DPMSolverMultistepScheduler", "use_lu_lambdas: sigmas", mine.sigmas, ref.sigmas)
+    run_side_by_side("DPMSolverMultistepScheduler", f"use_lu_lambdas {options}", mine, ref)

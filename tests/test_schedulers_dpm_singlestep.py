@@ -154,10 +154,10 @@ def test_bad_options(options, message):
 @pytest.mark.parametrize("args, kwargs, message", [
     ((), {}, r"exactly one of num_inference_steps or timesteps"),
     ((5,), dict(timesteps=[900, 100]), r"exactly one of num_inference_steps or timesteps"),
-    ((), dict(timesteps=[100, 900]), r"strictly decreasing training timesteps"),
-    ((), dict(timesteps=[1000, 10]), r"strictly decreasing training timesteps in \[0, num_train_timesteps - 1"),
-    ((), dict(timesteps=[]), r"non-empty list of ints"),
-    ((), dict(timesteps=[900.5, 10.0]), r"non-empty list of ints"),
+    ((), dict(timesteps=[100, 900]), r"custom timesteps must be strictly descending, got \[100, 900\]"),
+    ((), dict(timesteps=[1000, 10]), r"custom timesteps must lie in \[0, 999\] \(num_train_timesteps=1000\)"),
+    ((), dict(timesteps=[]), r"custom timesteps must be a non-empty 1-d list of numbers"),
+    ((), dict(timesteps=[900.5, 10.0]), r"custom timesteps must be integers, got \[900.5, 10.0\]"),
     ((1001,), {}, r"num_inference_steps=1001 must be between 1 and"),
 ])
 def test_bad_set_timesteps(args, kwargs, message):
@@ -166,7 +166,7 @@ def test_bad_set_timesteps(args, kwargs, message):
 
 
 def test_custom_timesteps_refuse_respaced_sigmas():
-    with pytest.raises(ValueError, match=r"cannot be used with use_karras_sigmas=True"):
+    with pytest.raises(ValueError, match=r"custom timesteps cannot be combined with use_karras_sigmas=True"):
         DPMSolverSinglestepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 100])
 
 

@@ -171,7 +171,7 @@ class DPMSolverMultistepScheduler(VPSolverMixin):
         if config.variance_type is not None and config.variance_type not in FIXED_VARIANCE_TYPES:
             raise ValueError(f"{type(self).__name__}: variance_type={config.variance_type!r} is not supported by "
                              f"minidiff; accepted: None or one of {FIXED_VARIANCE_TYPES} (no learned variance)")
-        unsupported = dict(use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False)
+        unsupported = dict(use_flow_sigmas=False, use_dynamic_shifting=False)
         check_supported_defaults(type(self).__name__, config, unsupported)
         self.round_karras_timesteps = config.beta_schedule != "squaredcos_cap_v2"
         self._init_solver()

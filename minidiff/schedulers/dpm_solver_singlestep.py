@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from minidiff.configuration import Config, check_choice
@@ -39,12 +38,7 @@ from minidiff.schedulers.dpm_solver import (
     SOLVER_TYPE_ALIASES,
     first_order_update,
 )
-from minidiff.schedulers.sigmas import (
-    SIGMA_SPACINGS,
-    check_supported_defaults,
-    interpolate_sigmas,
-    sigmas_from_alphas_cumprod,
-)
+from minidiff.schedulers.sigmas import check_supported_defaults
 from minidiff.schedulers.vp_solver import VPSolverMixin, noise_level
 
 
@@ -187,37 +181,14 @@ class DPMSolverSinglestepScheduler(VPSolverMixin):
     def _predicts_data(self) -> bool:
         return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
-    def _custom_schedule(self, timesteps: Any) -> tuple[np.ndarray, np.ndarray]:
-        """User-chosen integer timesteps (strictly decreasing training timesteps) and their interpolated sigmas."""
-        config = self.config
-        for option in SIGMA_SPACINGS:
-            if getattr(config, option):
-                raise ValueError(f"set_timesteps(timesteps=...) cannot be used with {option}=True: it chooses its own "
-                                 "noise levels; pass num_inference_steps instead")
-        values = np.asarray(timesteps)
-        if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
-        T = config.num_train_timesteps
-        if values.min() < 0 or values.max() >= T or np.any(np.diff(values) >= 0):
-            raise ValueError(f"timesteps={values.tolist()} must be strictly decreasing training timesteps in "
-                             f"[0, num_train_timesteps - 1 = {T - 1}]")
-        values = values.astype(np.int64)
-        return values, interpolate_sigmas(values, sigmas_from_alphas_cumprod(self.alphas_cumprod))
-
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[int] | None = None) -> None:
         """The shared VP-solver schedule (linspace, :meth:`VPSolverMixin._solver_schedule`) or custom ``timesteps``
         (exactly one of the two), then the final sigma (0 or the smallest training sigma) and the order of each call
         (:func:`get_order_list`)."""
         config = self.config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("set_timesteps needs exactly one of num_inference_steps or timesteps, got "
-                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
         self._begin_run()
-        if timesteps is None:
-            steps, sigmas = self._solver_schedule(num_inference_steps)
-        else:
-            steps, sigmas = self._custom_schedule(timesteps)
+        steps, sigmas = self._solver_schedule(num_inference_steps, timesteps)
         final_sigma = self._smallest_training_sigma() if config.final_sigmas_type == "sigma_min" else 0.0
         self._store_schedule(steps, sigmas, final_sigma, device)
         self.order_list = get_order_list(len(steps), config.solver_order, config.lower_order_final,

@@ -97,7 +97,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
         by ``sigma_to_t``), as in diffusers."""
         config = self.config
         self._begin_run()
-        check_schedule_arguments(type(self).__name__, config, num_inference_steps, timesteps, sigmas)
+        check_schedule_arguments(type(self).__name__, config, num_inference_steps, timesteps, sigmas, takes_sigmas=True)
         if timesteps is not None and self._continuous_timesteps:
             raise ValueError("custom timesteps cannot be combined with timestep_type='continuous' and v_prediction, "
                              "whose timesteps are log(sigma) / 4: pass sigmas= instead")

@@ -55,6 +55,14 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def lu_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """DPM-Solver's uniform-lambda spacing (Lu et al. 2022, "DPM-Solver", Sec. 3.3; lambda = -log sigma here):
+    log sigma stepped evenly from log sigma_max to log sigma_min, written as diffusers' ramp (on float32 logs of
+    the float32 training sigmas) for its exact floats."""
+    log_min, log_max = (float(np.log(np.float32(sigma))) for sigma in (sigma_min, sigma_max))
+    return np.exp(log_max + np.linspace(0, 1, num_steps) * (log_min - log_max))
+
+
 def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
     """N noise levels evenly spaced in log sigma from sigma_max down to sigma_min (k-diffusion's
     ``get_sigmas_exponential``)."""
@@ -108,7 +116,7 @@ def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float
     return sigma_min + quantiles * (sigma_max - sigma_min)
 
 
-SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 def check_sigma_spacing(config: Any) -> None:
@@ -119,15 +127,18 @@ def check_sigma_spacing(config: Any) -> None:
                          f"replaces the whole noise schedule; set at most one of {', '.join(SIGMA_SPACINGS)}")
 
 
-def check_schedule_arguments(owner: str, config: Any, num_inference_steps: Any, timesteps: Any, sigmas: Any) -> None:
-    """``set_timesteps`` takes exactly one of a step count, custom ``timesteps`` or custom ``sigmas`` (diffusers'
-    rules); custom timesteps keep their noise levels, so a respacing option (Karras, ...) cannot apply to them."""
+def check_schedule_arguments(owner: str, config: Any, num_inference_steps: Any, timesteps: Any, sigmas: Any = None,
+                             takes_sigmas: bool = False) -> None:
+    """``set_timesteps`` takes exactly one of a step count, custom ``timesteps`` or (``takes_sigmas``: Euler)
+    custom ``sigmas`` (diffusers' rules); custom timesteps keep their noise levels, so a respacing option (Karras,
+    ...) cannot apply to them."""
     given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                       ("sigmas", sigmas)) if value is not None]
     if len(given) != 1:
-        raise ValueError(f"{owner}.set_timesteps takes exactly one of num_inference_steps, timesteps (descending "
-                         f"training timesteps) or sigmas (descending noise levels, the last one the final); got "
-                         f"{', '.join(given) or 'none'}")
+        options = "num_inference_steps, timesteps (descending training timesteps) or sigmas (descending noise " \
+                  "levels, the last one the final)" if takes_sigmas else \
+                  "num_inference_steps or timesteps (descending training timesteps)"
+        raise ValueError(f"{owner}.set_timesteps takes exactly one of {options}; got {', '.join(given) or 'none'}")
     respacing = [option for option in SIGMA_SPACINGS if getattr(config, option, False)]
     if timesteps is not None and respacing:
         raise ValueError(f"custom timesteps cannot be combined with {respacing[0]}=True, which replaces the noise "
@@ -156,6 +167,8 @@ def respaced_sigmas(config: Any, sigmas: np.ndarray, num_steps: int) -> np.ndarr
     sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
     if getattr(config, "use_karras_sigmas", False):
         return karras_sigmas(sigma_min, sigma_max, num_steps)
+    if getattr(config, "use_lu_lambdas", False):
+        return lu_sigmas(sigma_min, sigma_max, num_steps)
     if getattr(config, "use_exponential_sigmas", False):
         return exponential_sigmas(sigma_min, sigma_max, num_steps)
     if getattr(config, "use_beta_sigmas", False):

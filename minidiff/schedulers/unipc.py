@@ -76,7 +76,7 @@ def check_final_step(config) -> None:
     is finite only for the x0 form with B(h) = e^h - 1 and a first-order last step; landing on a repeated
     respaced sigma (h = 0) makes the third-order rho system singular."""
     last_order = 1 if config.lower_order_final else config.solver_order
-    respaced = any(getattr(config, option) for option in SIGMA_SPACINGS)
+    respaced = any(getattr(config, option, False) for option in SIGMA_SPACINGS)
     problem = None
     if config.final_sigmas_type == "zero":
         if not config.predict_x0:
@@ -222,7 +222,7 @@ class UniPCMultistepScheduler(VPSolverMixin):
         timesteps, sigmas = self._solver_schedule(num_inference_steps)
         if config.final_sigmas_type == "zero":
             final_sigma = 0.0
-        elif any(getattr(config, option) for option in SIGMA_SPACINGS):
+        elif any(getattr(config, option, False) for option in SIGMA_SPACINGS):
             final_sigma = sigmas[-1]
         else:
             final_sigma = self._smallest_training_sigma()

@@ -109,7 +109,7 @@ class VPSolverMixin(SigmaSchedulerMixin):
             sigmas = interpolate_sigmas(timesteps, train_sigmas)
         else:
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if config.use_karras_sigmas and self.round_karras_timesteps:
+            if (config.use_karras_sigmas and self.round_karras_timesteps) or getattr(config, "use_lu_lambdas", False):
                 timesteps = timesteps.round()
         if np.any(np.diff(sigmas) >= 0):  # a repeated noise level: h = 0 and the multistep update divides by it
             raise ValueError(
