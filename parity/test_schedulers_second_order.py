@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 import minidiff.schedulers as md
 from parity.report import compare, compare_exact
-from parity.test_schedulers_sigma import SIGMA_SPACING, build_pair, common_options, run_side_by_side
+from parity.test_schedulers_sigma import (
+    SIGMA_SPACING,
+    build_pair,
+    common_options,
+    run_custom_schedule,
+    run_side_by_side,
+)
 
 NAMES = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 PREDICTIONS = {"HeunDiscreteScheduler": ("epsilon", "v_prediction", "sample")}
@@ -115,8 +121,4 @@ def test_heun_custom_timesteps(prediction_type):
     """``set_timesteps(timesteps=[...])``: an uneven custom schedule, doubled as Heun's own (diffusers' test)."""
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
     mine, ref = md.HeunDiscreteScheduler(**config), diffusers.HeunDiscreteScheduler(**config)
-    for scheduler in (mine, ref):
-        scheduler.set_timesteps(timesteps=[999, 850.5, 600, 301, 120, 15])
-    compare_exact("HeunDiscreteScheduler", "custom timesteps", mine.timesteps, ref.timesteps)
-    compare_exact("HeunDiscreteScheduler", "custom timesteps: sigmas", mine.sigmas, ref.sigmas)
-    run_side_by_side("HeunDiscreteScheduler", f"custom timesteps ({prediction_type})", mine, ref)
+    run_custom_schedule(mine, ref, f"custom timesteps ({prediction_type})", timesteps=[999, 850.5, 600, 301, 120, 15])

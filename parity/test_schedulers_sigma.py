@@ -547,11 +547,17 @@ def test_euler_custom_timesteps_and_sigmas(options, custom):
             mine.set_timesteps(timesteps=[900, 500, 100])
         return
     schedule = {"timesteps": [999, 850.5, 600, 301, 120, 15], "sigmas": [14.6, 6.1, 2.0, 0.9, 0.25, 0.03, 0.0]}
-    mine.set_timesteps(**{custom: schedule[custom]})
-    ref.set_timesteps(**{custom: schedule[custom]})
-    compare_exact("EulerDiscreteScheduler", f"custom {custom}: timesteps", mine.timesteps, ref.timesteps)
-    compare_exact("EulerDiscreteScheduler", f"custom {custom}: sigmas", mine.sigmas, ref.sigmas)
-    run_side_by_side("EulerDiscreteScheduler", f"custom {custom} {options}", mine, ref)
+    run_custom_schedule(mine, ref, f"custom {custom} {options}", **{custom: schedule[custom]})
+
+
+def run_custom_schedule(mine, ref, case: str, **schedule) -> None:
+    """``set_timesteps(**schedule)`` on both: the same timesteps and sigmas exactly, then the same trajectory."""
+    name = type(mine).__name__
+    for scheduler in (mine, ref):
+        scheduler.set_timesteps(**schedule)
+    compare_exact(name, f"{case}: timesteps", mine.timesteps, ref.timesteps)
+    compare_exact(name, f"{case}: sigmas", mine.sigmas, ref.sigmas)
+    run_side_by_side(name, case, mine, ref)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(solver_order=3, final_sigmas_type="sigma_min"),
@@ -559,11 +565,7 @@ def test_euler_custom_timesteps_and_sigmas(options, custom):
 def test_dpm_solver_custom_timesteps(options):
     """DPMSolverMultistepScheduler.set_timesteps(timesteps=[...]) (diffusers' custom integer schedule)."""
     mine, ref = md.DPMSolverMultistepScheduler(**options), diffusers.DPMSolverMultistepScheduler(**options)
-    for scheduler in (mine, ref):
-        scheduler.set_timesteps(timesteps=[999, 850, 600, 301, 120, 15])
-    compare_exact("DPMSolverMultistepScheduler", "custom timesteps", mine.timesteps, ref.timesteps)
-    compare_exact("DPMSolverMultistepScheduler", "custom timesteps: sigmas", mine.sigmas, ref.sigmas)
-    run_side_by_side("DPMSolverMultistepScheduler", f"custom timesteps {options}", mine, ref)
+    run_custom_schedule(mine, ref, f"custom timesteps {options}", timesteps=[999, 850, 600, 301, 120, 15])
 
 
 @pytest.mark.parametrize("steps", [4, 15, 25])
