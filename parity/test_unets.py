@@ -402,7 +402,7 @@ def test_attention_processors_map_onto_backends(tmp_path):
     for processor in (theirs.AttnProcessor(), theirs.AttnProcessor2_0(), theirs.SlicedAttnProcessor(3)):
         ours.set_attn_processor(processor)
         reference.set_attn_processor(processor)
-        assert {type(p).__name__ for p in ours.attn_processors.values()} == {type(processor).__name__}
+        assert all(type(p) is type(processor) for p in ours.attn_processors.values())  # what was set comes back
         compare_models("UNet2DConditionModel", f"set_attn_processor({type(processor).__name__})", reference, ours,
                        args, gradients=False)
     ours.set_attn_processor({key: mine_processors.BackendProcessor("chunked") for key in ours.attn_processors})
@@ -412,5 +412,6 @@ def test_attention_processors_map_onto_backends(tmp_path):
     with pytest.raises(ValueError, match=r"the attention processor XFormersAttnProcessor runs code of its own.*"
                                          r"minidiff.ops.register_backend"):
         ours.set_attn_processor(theirs.XFormersAttnProcessor())
-    with pytest.raises(ValueError, match=r"a dict of processors needs one entry per attention layer.* got 1"):
+    with pytest.raises(ValueError, match=r"a dict of processors needs one entry per attention layer.* the number "
+                                         r"of processors \(1\)"):
         ours.set_attn_processor({"conv_in.processor": theirs.AttnProcessor()})

@@ -78,6 +78,7 @@ class Attention(nn.Module):
         self.chunk_size: int | None = None
         self.sliceable_head_dim = heads
         self.slice_size: int | None = None
+        self.processor = None  # the diffusers-style processor object last set (attention_processor.apply_processor)
 
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups is not None else None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
@@ -309,8 +310,9 @@ class AttentionBackendMixin:
         if isinstance(processor, dict):
             keys = {f"{name}.processor" for name in modules}
             if set(processor) != keys:
-                raise ValueError(f"a dict of processors needs one entry per attention layer, keyed as attn_processors "
-                                 f"({len(keys)} keys); got {len(processor)}, e.g. {sorted(set(processor) ^ keys)[:2]}")
+                raise ValueError(f"a dict of processors needs one entry per attention layer, keyed as attn_processors: "
+                                 f"the number of processors ({len(processor)}) or their keys do not match the "
+                                 f"{len(keys)} attention layers, e.g. {sorted(set(processor) ^ keys)[:2]}")
         for name, module in modules.items():
             key = f"{name}.processor"
             apply_processor(module, processor[key] if isinstance(processor, dict) else processor, key)

@@ -57,29 +57,38 @@ class BackendProcessor:
 
 
 def processor_of(module: Any) -> Any:
-    """The processor object that describes an ``Attention`` module's current kernel."""
+    """The processor object that describes an ``Attention`` module's current kernel: the one last set with
+    ``apply_processor`` while the module still runs what it chose (so diffusers' own objects come back), else one
+    of minidiff's classes above."""
+    stored = getattr(module, "processor", None)
+    if stored is not None and kernel_of(stored, "processor") == (module.backend, module.slice_size):
+        return stored
     if module.slice_size is not None:
         return SlicedAttnProcessor(module.slice_size)
     backend = ops.current_backend("attention", module.backend)
     return {"math": AttnProcessor(), "sdpa": AttnProcessor2_0()}.get(backend, BackendProcessor(backend))
 
 
-def apply_processor(module: Any, processor: Any, key: str) -> None:
-    """Set ``module``'s kernel from a processor: minidiff's classes above, or diffusers' classes of the same names
-    (matched by class name, so diffusers' own processor objects work too)."""
+def kernel_of(processor: Any, key: str) -> tuple[str | None, int | None]:
+    """The (backend, slice_size) a processor chooses: minidiff's classes above, or diffusers' classes of the same
+    names (matched by class name, so diffusers' own processor objects work too)."""
     name = type(processor).__name__
     if name == "SlicedAttnProcessor":
-        module.backend = None
-        module.set_attention_slice(processor.slice_size)
-        return
+        return None, processor.slice_size
     if name in ("AttnProcessor", "AttnProcessor2_0", "BackendProcessor"):
         backend = AttnProcessor2_0.backend if name == "AttnProcessor2_0" else getattr(processor, "backend", "math")
         if backend not in ops.available_backends("attention"):
             raise ValueError(f"{key}: attention backend {backend!r} is not registered; registered: "
                              f"{ops.available_backends('attention')}")
-        module.backend, module.slice_size = backend, None
-        return
+        return backend, None
     raise ValueError(f"{key}: the attention processor {name} runs code of its own, which minidiff's attention does "
                      "not call; only processors that choose a kernel map (AttnProcessor, AttnProcessor2_0, "
                      "SlicedAttnProcessor). Plug a custom kernel in with minidiff.ops.register_backend('attention', "
                      "name, fn) and select it with set_attention_backend(name) or BackendProcessor(name)")
+
+
+def apply_processor(module: Any, processor: Any, key: str) -> None:
+    """Set ``module``'s kernel from a processor (see ``kernel_of``) and remember the processor object."""
+    backend, slice_size = kernel_of(processor, key)
+    module.set_attention_slice(slice_size)
+    module.backend, module.processor = backend, processor
