@@ -12,10 +12,10 @@ import dataclasses
 import functools
 import inspect
 import json
-import warnings
 import os
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Iterable
 
