@@ -27,3 +27,17 @@ def test_swapped_names_move_to_minidiff_and_the_rest_stays():
 def test_a_file_without_swapped_names_is_unchanged():
     source = "from diffusers import VQModel\nfrom diffusers.models import UNet2DModel\n"
     assert rewrite_source(source, EXPORTED) == (source, 0)
+
+
+def test_offline_hub_refusals_of_both_libraries_count_as_needing_the_hub():
+    from minidiff.loading.hub import resolve_folder
+    from parity.diffusers_suite.plugin import NEEDS_HUB
+
+    try:
+        resolve_folder("someone/not-cached-here")
+    except FileNotFoundError as error:
+        assert NEEDS_HUB.search(str(error))
+    else:
+        raise AssertionError("an uncached hub id resolved")
+    assert NEEDS_HUB.search("OSError: We couldn't connect to 'https://huggingface.co' to load the files")
+    assert not NEEDS_HUB.search("AssertionError: Processor down_blocks.0 should be AttnProcessor")

@@ -9,7 +9,8 @@ import re
 
 NEEDS_HUB = re.compile(r"OfflineModeIsEnabled|LocalEntryNotFoundError|HF_HUB_OFFLINE|offline mode|huggingface\.co|"
                        r"Cannot reach|couldn't connect to|We couldn't connect|RepositoryNotFoundError|"
-                       r"is not a local folder and is not a valid model identifier|hf-internal-testing")
+                       r"is not a local folder and is not a valid model identifier|hf-internal-testing|"
+                       r"minidiff does not download")  # minidiff's own words for a hub id it cannot resolve offline
 
 
 def pytest_runtest_logreport(report):
