@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import minidiff
-from minidiff.schedulers.base import KARRAS_SCHEDULERS
+from minidiff.schedulers.base import SCHEDULER_NAMES
 from parity.configs import assert_same_config
 from parity.report import compare
 
 COMPONENT = "Schedulers"
-SCHEDULERS = [*KARRAS_SCHEDULERS, "DDIMInverseScheduler", "LCMScheduler", "TCDScheduler"]
+SCHEDULERS = list(SCHEDULER_NAMES)
 MODELS = {"UNet2DModel": dict(block_out_channels=(8, 16), norm_num_groups=8, sample_size=8,
                               down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                               up_block_types=("AttnUpBlock2D", "UpBlock2D")),
@@ -109,7 +109,7 @@ SEEDED = {
     "ControlNetModel": dict(block_out_channels=(8, 16), layers_per_block=2, down_block_types=(
         "DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
         conditioning_embedding_out_channels=(4, 8)),
-    "UNet2DModel NCSN++": dict(block_out_channels=(32, 64, 32), layers_per_block=1, time_embedding_type="fourier",
+    "UNet2DModel NCSN++": dict(block_out_channels=(32, 64, 32), layers_per_block=2, time_embedding_type="fourier",
                                norm_num_groups=None, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D",
                                                                        "SkipDownBlock2D"),
                                up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D")),

@@ -96,11 +96,11 @@ def test_load_config_errors_name_the_file(tmp_path):
 def test_a_pipeline_folder_may_name_every_scheduler():
     """Every scheduler class minidiff has can be named by a folder's model_index.json (the allow-list)."""
     import minidiff.schedulers as schedulers
-    from minidiff.loading.components import SCHEDULER_CLASSES, component_class
-    from minidiff.schedulers.base import SchedulerMixin
+    from minidiff.loading.components import component_class
+    from minidiff.schedulers.base import SCHEDULER_NAMES, SchedulerMixin
 
     have = {name for name in dir(schedulers) if isinstance(getattr(schedulers, name), type)
             and issubclass(getattr(schedulers, name), SchedulerMixin) and name.endswith("Scheduler")
             and name != "SchedulerMixin"}
-    assert have == set(SCHEDULER_CLASSES)
+    assert have == set(SCHEDULER_NAMES)
     assert all(component_class("scheduler", name) is getattr(schedulers, name) for name in have)

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "HeunDiscreteScheduler",
-                     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
-                     "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler")  # every scheduler minidiff has
+from minidiff.schedulers.base import SCHEDULER_NAMES
+
 # The only names a folder's files can resolve to, per component: (module, class names); nothing else is reachable.
 COMPONENT_CLASSES = {
     "unet": ("minidiff.models", ("UNet2DConditionModel", "UNet2DModel")),
@@ -18,7 +15,7 @@ COMPONENT_CLASSES = {
     "text_encoder_2": ("minidiff.models", ("CLIPTextModelWithProjection", "CLIPTextModel")),
     "tokenizer": ("minidiff.text", ("CLIPTokenizer",)),
     "tokenizer_2": ("minidiff.text", ("CLIPTokenizer",)),
-    "scheduler": ("minidiff.schedulers", SCHEDULER_CLASSES),
+    "scheduler": ("minidiff.schedulers", SCHEDULER_NAMES),  # every scheduler minidiff has
 }
 
 

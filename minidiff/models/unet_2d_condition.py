@@ -546,8 +546,9 @@ class UNet2DConditionModel(TextConditionedEncoderMixin, UNetBase, UNet2DConditio
         ``added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, n)}``: SDXL's added conditioning, required by a
         ``text_time`` UNet (P + n * addition_time_embed_dim = projection_class_embeddings_input_dim) and refused by
         others. ``timestep_cond (B, time_cond_proj_dim)``: an LCM-distilled UNet's guidance-scale embedding
-        (``guidance_scale_embedding``), None for other UNets. ``down_block_additional_residuals`` / ``mid_block_additional_residual``: a
-        ControlNetModel's outputs, added to the skip tensors and to the mid block's output.
+        (``guidance_scale_embedding``), None for other UNets. ``down_block_additional_residuals`` /
+        ``mid_block_additional_residual``: a ControlNetModel's outputs, added to the skip tensors and to the mid
+        block's output.
         ``encoder_attention_mask (B, tokens)``: 1 keeps a text token, 0 hides it from every cross-attention (a bias of
         -10000 on its scores, as diffusers)."""
         lora_scale = lora_scale_of(cross_attention_kwargs)

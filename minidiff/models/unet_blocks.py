@@ -116,6 +116,22 @@ def transformers(channels: int, cross: CrossAttentionOptions, resnet: ResnetOpti
     return lambda layer: cross.transformer(channels, resnet.groups, layer)
 
 
+def build_layers(module: nn.Module, make_resnet: Callable[[int], nn.Module], make_attention: AttentionFactory | None,
+                 num_layers: int, attention_first: bool = False) -> None:
+    """``module.resnets`` and ``module.attentions`` (one per layer), created in diffusers' order, resnet i then
+    attention i (attention i then resnet i with ``attention_first``: the mid block's), so that a seed drawn before
+    building a model gives diffusers' initial weights."""
+    resnets, attentions = [], []
+    for i in range(num_layers):
+        if make_attention and attention_first:
+            attentions.append(make_attention(i))
+        resnets.append(make_resnet(i))
+        if make_attention and not attention_first:
+            attentions.append(make_attention(i))
+    module.attentions = nn.ModuleList(attentions) if make_attention else None  # registered first, as diffusers
+    module.resnets = nn.ModuleList(resnets)
+
+
 class _ResnetStack(nn.Module):
     """Shared by all blocks: ``resnets``, optional ``attentions`` (one per layer) and how to call them (each call
     through ``checkpointed``, so ``enable_gradient_checkpointing`` on the UNet reaches every resnet and attention)."""
@@ -125,21 +141,6 @@ class _ResnetStack(nn.Module):
 
     def _resnet(self, layer: int, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         return checkpointed(self, self.resnets[layer], hidden_states, temb)
-
-    def _build_layers(self, make_resnet: Callable[[int], nn.Module], make_attention: AttentionFactory | None,
-                      num_layers: int, attention_first: bool = False) -> None:
-        """``resnets`` and ``attentions`` (one per layer), created in diffusers' order, resnet i then attention i
-        (attention i then resnet i with ``attention_first``: the mid block's), so that a seed drawn before building
-        a model gives diffusers' initial weights."""
-        resnets, attentions = [], []
-        for i in range(num_layers):
-            if make_attention and attention_first:
-                attentions.append(make_attention(i))
-            resnets.append(make_resnet(i))
-            if make_attention and not attention_first:
-                attentions.append(make_attention(i))
-        self.attentions = nn.ModuleList(attentions) if make_attention else None  # registered first, as diffusers
-        self.resnets = nn.ModuleList(resnets)
 
     def _attend(self, layer: int, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,8 +176,8 @@ class DownBlock2D(_ResnetStack):
         make_attention: AttentionFactory | None = None,
     ):
         super().__init__()
-        self._build_layers(lambda i: resnet.block(in_channels if i == 0 else out_channels, out_channels),
-                           make_attention, num_layers)
+        build_layers(self, lambda i: resnet.block(in_channels if i == 0 else out_channels, out_channels),
+                     make_attention, num_layers)
         if downsample == "conv":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
         elif downsample == "resnet":
@@ -254,7 +255,7 @@ class UpBlock2D(_ResnetStack):
             below_channels = prev_output_channel if i == 0 else out_channels
             return resnet.block(below_channels + skip_channels, out_channels)
 
-        self._build_layers(make_resnet, make_attention, num_layers)
+        build_layers(self, make_resnet, make_attention, num_layers)
         if upsample == "conv":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)])
         elif upsample == "resnet":
@@ -326,8 +327,8 @@ class UNetMidBlock2D(_ResnetStack):
                 attn_groups = resnet.groups
             make_attention = pixel_attentions(in_channels, attention_head_dim, resnet, attn_groups)
         first = resnet.block(in_channels, in_channels)  # resnet 0, then (attention i, resnet i + 1) per layer
-        self._build_layers(lambda _: resnet.block(in_channels, in_channels), make_attention, num_layers,
-                           attention_first=True)
+        build_layers(self, lambda _: resnet.block(in_channels, in_channels), make_attention, num_layers,
+                     attention_first=True)
         self.resnets.insert(0, first)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
@@ -381,10 +382,9 @@ class SkipDownBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, resnet: ResnetOptions,
                  attention_head_dim: int | None = None, with_attention: bool = False, add_downsample: bool = True):
         super().__init__()
-        self.resnets = nn.ModuleList(_ncsn_resnet(resnet, in_channels if i == 0 else out_channels, out_channels)
-                                     for i in range(num_layers))
-        self.attentions = nn.ModuleList(_ncsn_attention(out_channels, attention_head_dim, resnet)
-                                        for _ in range(num_layers)) if with_attention else None
+        build_layers(self, lambda i: _ncsn_resnet(resnet, in_channels if i == 0 else out_channels, out_channels),
+                     (lambda _: _ncsn_attention(out_channels, attention_head_dim, resnet)) if with_attention else None,
+                     num_layers)
         if add_downsample:
             self.resnet_down = _ncsn_resnet(resnet, out_channels, out_channels, use_in_shortcut=True, down=True,
                                             kernel="fir")

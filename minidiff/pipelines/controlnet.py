@@ -297,7 +297,8 @@ class StableDiffusionControlNetPipeline(StableDiffusionBase):
         """The UNet's (guided) noise prediction at x_t with the ControlNets' residuals added; ``keep`` is this
         step's row of :func:`control_keep` (0 turns a net off outside its window)."""
         step_scales = [scale * kept for scale, kept in zip(scales, keep)]
-        down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode, self.uses_cfg(guidance_scale))
+        down, mid = self.control_residuals(latents, t, text, conds, step_scales, guess_mode,
+                                           self.uses_cfg(guidance_scale))
         return self.predict_noise(latents, t, text, guidance_scale, extra_channels=extra_channels, step=step,
                                   cross_attention_kwargs=cross_attention_kwargs,
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid)

@@ -42,8 +42,11 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # diffusers' KarrasDiffusionSchedulers that minidiff has: one config builds any of them (``from_config``)
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
                      "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                     "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+                     "DPMSolverSDEScheduler")
+# every scheduler minidiff has: the Karras family plus the classes whose configs build only themselves
+SCHEDULER_NAMES = (*KARRAS_SCHEDULERS, "DDIMInverseScheduler", "LCMScheduler", "TCDScheduler")
 
 
 class SchedulerMixin(ConfigMixin):
